@@ -1,0 +1,1 @@
+"""Image decoding, pretraining datasets, multiple-instance bags and the synthetic demo set."""

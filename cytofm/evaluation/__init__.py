@@ -1,0 +1,1 @@
+"""Downstream evaluation: feature extraction, ABMIL and cross-validation."""

@@ -1,0 +1,1 @@
+"""The Vision Transformer backbone, projection heads and checkpoint loading."""

@@ -1,0 +1,1 @@
+"""iBOT pretraining: multi-crop augmentation, masking, heads, loss, schedules and the loop."""

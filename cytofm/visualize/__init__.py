@@ -1,0 +1,1 @@
+"""Figures: attention maps, MIL heatmaps and embedding maps."""
