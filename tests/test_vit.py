@@ -23,8 +23,15 @@ def test_presets_match_standard_sizes():
 def test_unmasked_forward_matches_timm_bitwise():
     model = tiny_vit(init_values=1e-5, reg_tokens=2)
     reference = timm.models.vision_transformer.VisionTransformer(
-        img_size=32, patch_size=8, embed_dim=64, depth=2, num_heads=2, num_classes=0,
-        init_values=1e-5, reg_tokens=2, dynamic_img_size=True,
+        img_size=32,
+        patch_size=8,
+        embed_dim=64,
+        depth=2,
+        num_heads=2,
+        num_classes=0,
+        init_values=1e-5,
+        reg_tokens=2,
+        dynamic_img_size=True,
     ).eval()
     state = {k: v for k, v in model.state_dict().items() if k != "mask_token"}
     reference.load_state_dict(state, strict=True)
