@@ -6,8 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from cytofm.pretrain.loss import IBOTLoss
 from cytofm.pretrain.monitoring import collapse_signals, detect_collapse
 
@@ -28,7 +26,7 @@ class MetricsWriter:
     def __init__(self, output_dir: Path, enabled: bool = True) -> None:
         self.enabled = enabled
         self.writer = None
-        self.collapse_warnings = 0
+        self.collapse_warnings = 0  # logged steps at which detect_collapse reported collapse
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -91,7 +89,10 @@ class MetricsWriter:
         reason = detect_collapse(signals)
         if reason:
             self.collapse_warnings += 1
-            logger.warning("possible collapse at step %d: %s", step, reason)
+            # The first detections are all logged; after that one in ten, so a run that stays
+            # collapsed does not flood the log.
+            if self.collapse_warnings <= 5 or self.collapse_warnings % 10 == 0:
+                logger.warning("step %d (detection %d): %s", step, self.collapse_warnings, reason)
         return scalars
 
     def close(self) -> None:
@@ -99,8 +100,3 @@ class MetricsWriter:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
-
-
-def tensor_to_float(value: torch.Tensor | float) -> float:
-    """Return a Python float from a scalar tensor or a number."""
-    return float(value.item()) if isinstance(value, torch.Tensor) else float(value)

@@ -56,6 +56,7 @@ LOSS_TERMS = ("total", "cls", "patch")
 # Streams of the per-step seeds, so masks and stochastic depth never share random numbers.
 _MASK_STREAM = 0
 _TORCH_STREAM = 1
+_INIT_STREAM = 2
 
 
 class NonFiniteLossError(RuntimeError):
@@ -138,6 +139,8 @@ class PretrainTrainer:
         self.total_steps = config.run.epochs * self.steps_per_epoch
         self.global_batch_size = config.data.batch_size_per_gpu * context.world_size
 
+        # Every rank draws the same initial weights; DDP also broadcasts rank 0's at wrap time.
+        torch.manual_seed(derive_seed(config.run.seed, _INIT_STREAM))
         student, teacher = build_student_teacher(config.model, config.head)
         if config.run.grad_checkpointing:
             student.backbone.set_grad_checkpointing(True)
@@ -333,7 +336,9 @@ class PretrainTrainer:
         torch.manual_seed(derive_seed(config.run.seed, step, _TORCH_STREAM, self.context.rank))
 
         num_global = self.num_global_crops
-        global_crops = torch.cat([crop.to(self.device, non_blocking=True) for crop in crops[:num_global]])
+        global_crops = torch.cat(
+            [crop.to(self.device, non_blocking=True) for crop in crops[:num_global]]
+        )
         local_crops = group_by_size(
             [crop.to(self.device, non_blocking=True) for crop in crops[num_global:]]
         )
@@ -441,7 +446,9 @@ class PretrainTrainer:
                 epoch = self.epoch
                 sampler = self.data.sampler
                 sampler.set_epoch(epoch)
-                sampler.set_start((self.step % self.steps_per_epoch) * config.data.batch_size_per_gpu)
+                sampler.set_start(
+                    (self.step % self.steps_per_epoch) * config.data.batch_size_per_gpu
+                )
                 for crops in self.data.loader:
                     result = self.train_step(crops)
                     self.step += 1
