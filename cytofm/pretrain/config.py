@@ -114,7 +114,12 @@ class ScheduleConfig:
 
 @dataclass
 class RunConfig:
-    """Output folder, run length, checkpointing, precision and monitoring."""
+    """Output folder, run length, checkpointing, precision and monitoring.
+
+    ``max_steps`` stops the run early without changing the schedules, which keep their
+    ``epochs`` length. ``num_threads`` sets torch's intra-op CPU threads (None keeps torch's
+    default, one per core).
+    """
 
     output_dir: Path = Path("runs/pretrain")
     epochs: int = 100
@@ -123,6 +128,7 @@ class RunConfig:
     keep_last: int = 3
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    num_threads: int | None = None
     precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
     compile: bool = False
     grad_checkpointing: bool = False
@@ -179,6 +185,8 @@ def validate(config: PretrainConfig) -> None:
             raise ConfigError(f"{key} must be positive, got {value}")
     if config.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be 0 or more, got {config.data.num_workers}")
+    if config.run.num_threads is not None and config.run.num_threads <= 0:
+        raise ConfigError(f"run.num_threads must be positive or null, got {config.run.num_threads}")
     if config.run.max_steps is not None and config.run.max_steps <= 0:
         raise ConfigError(f"run.max_steps must be positive or null, got {config.run.max_steps}")
     if config.optim.lr <= 0:

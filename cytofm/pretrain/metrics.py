@@ -27,6 +27,7 @@ class MetricsWriter:
         self.enabled = enabled
         self.writer = None
         self.collapse_warnings = 0  # logged steps at which detect_collapse reported collapse
+        self.history: list[dict[str, float]] = []  # scalars of every logged step, with "step"
         if enabled:
             from torch.utils.tensorboard import SummaryWriter
 
@@ -71,6 +72,7 @@ class MetricsWriter:
         scalars.update({f"collapse/{name}": float(value) for name, value in signals.items()})
         for name, value in scalars.items():
             self.writer.add_scalar(name, value, step)
+        self.history.append({"step": float(step), **scalars})
 
         logger.info(
             "step %d: loss %.4f (cls %.4f, patch %.4f), lr %.3g, wd %.3g, momentum %.5f, "

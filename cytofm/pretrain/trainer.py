@@ -37,7 +37,7 @@ from cytofm.pretrain.config import PretrainConfig
 from cytofm.pretrain.distributed import DistributedContext, all_reduce_mean, barrier
 from cytofm.pretrain.loader import PretrainData, build_pretrain_data
 from cytofm.pretrain.loss import IBOTLoss
-from cytofm.pretrain.masking import generate_masks, masked_token_index
+from cytofm.pretrain.masking import MaskingConfig, generate_masks, masked_token_index
 from cytofm.pretrain.metrics import MetricsWriter
 from cytofm.pretrain.networks import (
     IBOTNetwork,
@@ -84,6 +84,34 @@ def derive_seed(*values: int) -> int:
     """Mix integers (seed, step, stream, ...) into one 63-bit seed."""
     state = np.random.SeedSequence([int(value) for value in values]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
+
+
+def draw_step_masks(
+    config: MaskingConfig,
+    *,
+    seed: int,
+    step: int,
+    epoch: int,
+    num_global_crops: int,
+    batch_size_per_rank: int,
+    rank: int,
+    world_size: int,
+    grid: tuple[int, int],
+) -> torch.Tensor:
+    """Draw one rank's global-crop masks at ``step``, crop-major ``[crops * B, h * w]``.
+
+    The masks of the whole global batch come from a generator seeded with ``(seed, step)``,
+    and each rank takes the images it holds (items ``rank::world_size``, as the sampler deals
+    them). So the masks of an image neither depend on the number of processes nor change when
+    a run resumes.
+    """
+    generator = torch.Generator().manual_seed(derive_seed(seed, step, _MASK_STREAM))
+    global_batch = batch_size_per_rank * world_size
+    masks = generate_masks(
+        num_global_crops * global_batch, grid[0], grid[1], config, generator, epoch=epoch
+    ).masks
+    masks = masks.view(num_global_crops, global_batch, -1)
+    return masks[:, rank::world_size].reshape(-1, masks.shape[-1])
 
 
 def build_optimizer(student: nn.Module, config: PretrainConfig, device: torch.device):
@@ -133,6 +161,8 @@ class PretrainTrainer:
         self.device = context.device
         self.output_dir = Path(config.run.output_dir)
         self.precision = resolve_precision(config.run.precision, self.device)
+        if config.run.num_threads is not None:
+            torch.set_num_threads(config.run.num_threads)
 
         self.data: PretrainData = build_pretrain_data(config, context)
         self.steps_per_epoch = self.data.steps_per_epoch
@@ -291,28 +321,18 @@ class PretrainTrainer:
     # ----------------------------------------------------------------------------- one step
 
     def masks_for_step(self, step: int, grid: tuple[int, int]) -> torch.Tensor:
-        """Draw the masks of this rank's global crops at ``step``, crop-major ``[n * B, h*w]``.
-
-        The masks of the whole global batch are drawn from a generator seeded with
-        ``(seed, step)``, and each rank takes the images it holds, so the masks neither depend
-        on the number of processes nor change when a run resumes.
-        """
-        world_size = self.context.world_size
-        batch = self.config.data.batch_size_per_gpu
-        generator = torch.Generator().manual_seed(
-            derive_seed(self.config.run.seed, step, _MASK_STREAM)
-        )
-        masks = generate_masks(
-            self.num_global_crops * batch * world_size,
-            grid[0],
-            grid[1],
+        """Draw the masks of this rank's global crops at ``step`` (see ``draw_step_masks``)."""
+        return draw_step_masks(
             self.config.masking,
-            generator,
+            seed=self.config.run.seed,
+            step=step,
             epoch=step // self.steps_per_epoch,
-        ).masks
-        # Rank r holds items r, r + W, r + 2W, ... of each global batch.
-        masks = masks.view(self.num_global_crops, batch * world_size, -1)
-        return masks[:, self.context.rank :: world_size].reshape(-1, masks.shape[-1])
+            num_global_crops=self.num_global_crops,
+            batch_size_per_rank=self.config.data.batch_size_per_gpu,
+            rank=self.context.rank,
+            world_size=self.context.world_size,
+            grid=grid,
+        )
 
     def _set_optimizer_values(self, values: ScheduleValues) -> None:
         for group in self.optimizer.param_groups:
@@ -372,8 +392,8 @@ class PretrainTrainer:
         if not all(math.isfinite(value) for value in loss_values.values()):
             described = ", ".join(f"{name}={value}" for name, value in loss_values.items())
             raise NonFiniteLossError(
-                f"non-finite loss at step {step} (epoch {self.epoch}): {described}. The weights "
-                f"of this step were not updated; the last checkpoint in "
+                f"non-finite loss at step {step + 1} (epoch {self.epoch}): {described}. The "
+                f"weights of this step were not updated; the last checkpoint in "
                 f"{self.output_dir / 'checkpoints'} is intact. Lower optim.lr, raise "
                 "schedule.teacher_temp_start, or use run.precision=fp32 to find the cause."
             )

@@ -1,0 +1,172 @@
+"""The iBOT pretraining loop on a tiny ViT: resume, checkpoints, NaN stop, collapse warning."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import pytest
+import torch
+
+from cytofm.config import ConfigError
+from cytofm.models.loading import load_backbone
+from cytofm.pretrain.checkpoint import REQUIRED_KEYS, list_checkpoints, load_checkpoint
+from cytofm.pretrain.config import load_pretrain_config
+from cytofm.pretrain.masking import MaskingConfig
+from cytofm.pretrain.networks import NetworkOutput
+from cytofm.pretrain.trainer import NonFiniteLossError, PretrainTrainer, draw_step_masks
+from tests.pretrain_helpers import CPU, logged_losses, run_tiny, tiny_config, write_random_images
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    # 16 images with batches of 4: 4 steps per epoch, so step 2 is in the middle of epoch 0.
+    return write_random_images(tmp_path_factory.mktemp("images"), 16)
+
+
+def _tensors_equal(first: dict, second: dict) -> list[str]:
+    return [name for name in first if not torch.equal(first[name], second[name])]
+
+
+def test_resume_mid_epoch_bitwise(images, tmp_path):
+    straight, _ = run_tiny(images, tmp_path / "straight", **{"run.max_steps": 4})
+    assert straight.steps_per_epoch == 4
+
+    run_tiny(images, tmp_path / "resumed", **{"run.max_steps": 2})
+    resumed = PretrainTrainer(
+        tiny_config(images, tmp_path / "resumed", **{"run.max_steps": 4}), CPU
+    )
+    assert resumed.step == 2
+    resumed.train()
+
+    expected = load_checkpoint(straight.last_checkpoint)
+    actual = load_checkpoint(resumed.last_checkpoint)
+    assert actual["step"] == expected["step"] == 4
+    for key in ("student", "teacher", "student_head", "teacher_head", "loss"):
+        assert _tensors_equal(expected[key], actual[key]) == [], key
+    for index, state in expected["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], actual["optimizer"]["state"][index]["exp_avg"])
+    assert logged_losses(resumed) == logged_losses(straight)[2:]
+
+
+def test_checkpoint_layout_weights_only(images, tmp_path):
+    trainer, result = run_tiny(
+        images,
+        tmp_path / "run",
+        **{"run.max_steps": 3, "run.save_every_steps": 1, "run.keep_last": 2},
+    )
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [2, 3]
+    assert result.checkpoint == trainer.last_checkpoint
+
+    state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    assert set(REQUIRED_KEYS) <= set(state)
+    assert state["format"] == "cytofm-pretrain"
+    assert state["version"] == 1
+    assert state["step"] == 3
+    assert state["epoch"] == 0
+    assert state["data"]["step_in_epoch"] == 3
+    assert state["data"]["samples_done_per_rank"] == 12
+    assert state["config"]["model"]["embed_dim"] == 32
+    assert state["model"]["embed_dim"] == 32
+    assert state["model"]["patch_size"] == 8
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.1.attn.qkv.weight"):
+        assert key in state["teacher"], key
+    assert "mask_token" in state["student"]
+    assert not any(key.startswith(("module.", "backbone.")) for key in state["teacher"])
+    assert set(state["loss"]) == {"center", "patch_center"}
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_checkpoint_loads_as_backbone(images, tmp_path):
+    trainer, result = run_tiny(images, tmp_path / "run", **{"run.max_steps": 2})
+    loaded = load_backbone(result.checkpoint)
+    assert loaded.embed_dim == 32
+    assert loaded.patch_size == 8
+
+    pixels = torch.randn(2, 3, 32, 32)
+    teacher = trainer.teacher.backbone.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(pixels), teacher(pixels), atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(images, tmp_path):
+    output_dir = tmp_path / "run"
+    run_tiny(images, output_dir, **{"run.max_steps": 2})
+    checkpoint = list_checkpoints(output_dir)[-1][1]
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+    trainer = PretrainTrainer(tiny_config(images, output_dir, **{"run.max_steps": 4}), CPU)
+    healthy_forward = trainer.student_forward
+
+    def forward_with_nan(*args, **kwargs) -> NetworkOutput:
+        output = healthy_forward(*args, **kwargs)
+        output.cls_logits = output.cls_logits * float("nan")
+        return output
+
+    trainer.student_forward = forward_with_nan
+    with pytest.raises(NonFiniteLossError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "step 3" in message
+    assert "cls=nan" in message
+    assert "total=nan" in message
+    assert "patch=" in message
+
+    assert [step for step, _ in list_checkpoints(output_dir)] == [2]
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == digest
+    assert load_checkpoint(checkpoint)["step"] == 2
+
+
+def test_constant_teacher_warns_collapse(images, tmp_path, caplog):
+    trainer = PretrainTrainer(tiny_config(images, tmp_path / "run", **{"run.max_steps": 2}), CPU)
+    out_dim = trainer.config.head.out_dim
+
+    def constant_teacher(global_crops, masks, mask_inputs=False) -> NetworkOutput:
+        num_images = global_crops.shape[0]
+        num_masked = int(masks.sum())
+        return NetworkOutput(
+            cls_logits=torch.zeros(num_images, out_dim),
+            patch_logits=torch.zeros(num_masked, out_dim),
+            cls_embeddings=torch.ones(num_images, 32),
+        )
+
+    trainer.teacher_forward = constant_teacher
+    with caplog.at_level(logging.WARNING, logger="cytofm.pretrain.metrics"):
+        trainer.train()
+    warnings = [
+        record.getMessage() for record in caplog.records if record.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 2
+    assert "possible collapse" in warnings[0]
+    assert "near uniform" in warnings[0]
+    assert "nearly identical" in warnings[0]
+    assert trainer.metrics.history[0]["collapse/teacher_entropy_ratio"] == pytest.approx(1.0)
+
+
+def test_unknown_config_key_named(tmp_path):
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_pretrain_config(None, ["optim.learning_rate=1e-3"])
+    with pytest.raises(ConfigError, match="run.keep_last"):
+        load_pretrain_config(None, ["run.keep_last=0"])
+
+
+def test_masks_independent_of_world_size():
+    settings = {"seed": 3, "epoch": 0, "num_global_crops": 2, "grid": (4, 4)}
+    masking = MaskingConfig(ratios=[0.5], ratio_variations=[0.2])
+    whole = draw_step_masks(
+        masking, step=5, batch_size_per_rank=4, rank=0, world_size=1, **settings
+    )
+    whole = whole.view(2, 4, 16)
+    assert whole.any()
+
+    # Two ranks of 2 images hold the interleaved halves of the same global batch of 4.
+    for rank in range(2):
+        half = draw_step_masks(
+            masking, step=5, batch_size_per_rank=2, rank=rank, world_size=2, **settings
+        )
+        assert torch.equal(half.view(2, 2, 16), whole[:, rank::2])
+
+    later = draw_step_masks(
+        masking, step=6, batch_size_per_rank=4, rank=0, world_size=1, **settings
+    )
+    assert not torch.equal(later.view(2, 4, 16), whole)
