@@ -10,10 +10,11 @@ import torch
 
 from cytofm.config import ConfigError
 from cytofm.models.loading import load_backbone
+from cytofm.models.vit import build_vit
 from cytofm.pretrain.checkpoint import REQUIRED_KEYS, list_checkpoints, load_checkpoint
 from cytofm.pretrain.config import load_pretrain_config
 from cytofm.pretrain.masking import MaskingConfig
-from cytofm.pretrain.networks import NetworkOutput
+from cytofm.pretrain.networks import NetworkOutput, forward_selected_tokens
 from cytofm.pretrain.trainer import NonFiniteLossError, PretrainTrainer, draw_step_masks
 from tests.pretrain_helpers import CPU, logged_losses, run_tiny, tiny_config, write_random_images
 
@@ -121,7 +122,7 @@ def test_constant_teacher_warns_collapse(images, tmp_path, caplog):
     trainer = PretrainTrainer(tiny_config(images, tmp_path / "run", **{"run.max_steps": 2}), CPU)
     out_dim = trainer.config.head.out_dim
 
-    def constant_teacher(global_crops, masks, mask_inputs=False) -> NetworkOutput:
+    def constant_teacher(global_crops, masks, mask_inputs=False, mask_index=None) -> NetworkOutput:
         num_images = global_crops.shape[0]
         num_masked = int(masks.sum())
         return NetworkOutput(
@@ -170,3 +171,36 @@ def test_masks_independent_of_world_size():
         masking, step=6, batch_size_per_rank=4, rank=0, world_size=1, **settings
     )
     assert not torch.equal(later.view(2, 4, 16), whole)
+
+
+@pytest.mark.parametrize("init_values", [None, 1e-1])
+def test_selected_tokens_match_full_forward(init_values):
+    torch.manual_seed(0)
+    backbone = build_vit(
+        "vit_tiny",
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        patch_size=8,
+        img_size=32,
+        init_values=init_values,
+        reg_tokens=1,
+    ).train()
+    images = torch.randn(3, 3, 32, 32)
+    masks = torch.zeros(3, 16, dtype=torch.bool)
+    masks[0, [1, 5]] = True
+    masks[2, 7] = True
+    # CLS of every image (column 0) and the masked patches after the 2 prefix tokens.
+    rows = torch.tensor([0, 1, 2, 0, 0, 2])
+    columns = torch.tensor([0, 0, 0, 3, 7, 9])
+
+    selected = forward_selected_tokens(backbone, images, masks, rows, columns)
+    selected.pow(2).sum().backward()
+    selected_grads = {name: p.grad.clone() for name, p in backbone.named_parameters()}
+    backbone.zero_grad()
+
+    full = backbone.forward_tokens(images, masks)[rows, columns]
+    full.pow(2).sum().backward()
+    assert torch.allclose(selected, full, atol=1e-5)
+    for name, param in backbone.named_parameters():
+        assert torch.allclose(selected_grads[name], param.grad, atol=1e-5), name

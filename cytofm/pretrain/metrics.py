@@ -6,7 +6,6 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from cytofm.pretrain.loss import IBOTLoss
 from cytofm.pretrain.monitoring import collapse_signals, detect_collapse
 
 logger = logging.getLogger(__name__)
@@ -38,15 +37,13 @@ class MetricsWriter:
         step: int,
         result: dict[str, Any],
         images_per_second: float,
-        loss_fn: IBOTLoss,
     ) -> dict[str, float]:
         """Record the scalars of one step and warn when the teacher outputs show collapse.
 
         Args:
             step: Optimizer steps done.
-            result: Output of ``PretrainTrainer.train_step``.
+            result: Output of ``PretrainTrainer.train_step`` run with ``monitor=True``.
             images_per_second: Throughput over the steps since the last logged one, all ranks.
-            loss_fn: The loss, whose centre and temperature shape the teacher distribution.
 
         Returns:
             The scalars written (empty on ranks other than 0).
@@ -55,9 +52,13 @@ class MetricsWriter:
             return {}
         values = result["schedule"]
         teacher = result["teacher"]
-        teacher_probs = loss_fn.teacher_probabilities(teacher.cls_logits, values.teacher_temp)
-        signals = collapse_signals(teacher_probs, teacher.cls_embeddings.float())
+        signals = collapse_signals(result["teacher_probs"], teacher.cls_embeddings.float())
         scalars = {f"loss/{name}": value for name, value in result["losses"].items()}
+        # The CLS term is a cross-entropy averaged over (teacher view, student view) pairs, so
+        # it equals the teacher's mean entropy plus the mean KL divergence. The entropy part
+        # rises while the centre settles and the temperature warms up; the KL part is what the
+        # student reduces by learning. Rank 0's teacher entropy stands in for all ranks.
+        scalars["loss/cls_kl"] = result["losses"]["cls"] - signals["teacher_entropy"]
         scalars.update(
             {
                 "schedule/lr": values.lr,

@@ -37,7 +37,7 @@ from cytofm.pretrain.config import PretrainConfig
 from cytofm.pretrain.distributed import DistributedContext, all_reduce_mean, barrier
 from cytofm.pretrain.loader import PretrainData, build_pretrain_data
 from cytofm.pretrain.loss import IBOTLoss
-from cytofm.pretrain.masking import MaskingConfig, generate_masks, masked_token_index
+from cytofm.pretrain.masking import MaskingConfig, generate_masks
 from cytofm.pretrain.metrics import MetricsWriter
 from cytofm.pretrain.networks import (
     IBOTNetwork,
@@ -339,12 +339,18 @@ class PretrainTrainer:
             group["lr"] = values.lr
             group["weight_decay"] = values.weight_decay if group["apply_weight_decay"] else 0.0
 
-    def train_step(self, crops: list[torch.Tensor]) -> dict[str, Any]:
+    def train_step(self, crops: list[torch.Tensor], monitor: bool = False) -> dict[str, Any]:
         """Run one optimizer step on a batch of crops (global crops first).
+
+        Args:
+            crops: One batch ``[B, 3, H, W]`` per crop, global crops first.
+            monitor: Also return the teacher's CLS probabilities, centred with the centre the
+                loss used (before this step's update), for the collapse signals.
 
         Returns:
             Loss terms (mean over ranks, floats), the schedule values, the gradient norm
-            (a tensor, read only when logged) and the teacher outputs for monitoring.
+            (a tensor, read only when logged), the teacher outputs and, with ``monitor``,
+            the teacher probabilities.
 
         Raises:
             NonFiniteLossError: a loss term is NaN or infinite; nothing was updated.
@@ -365,17 +371,22 @@ class PretrainTrainer:
         patch_size = self.student.backbone.patch_size
         grid = (global_crops.shape[-2] // patch_size, global_crops.shape[-1] // patch_size)
         masks = self.masks_for_step(step, grid)
-        mask_image_index, num_masked = masked_token_index(masks)
+        # Index the masks on the host, so the device never waits to learn their sizes.
+        mask_index = tuple(
+            index.to(self.device, non_blocking=True) for index in masks.nonzero(as_tuple=True)
+        )
+        num_masked = masks.sum(dim=1).to(self.device, non_blocking=True)
         masks = masks.to(self.device, non_blocking=True)
-        mask_image_index = mask_image_index.to(self.device, non_blocking=True)
-        num_masked = num_masked.to(self.device, non_blocking=True)
+        mask_image_index = mask_index[0]
 
         with torch.no_grad(), self.precision.autocast():
             teacher_out: NetworkOutput = self.teacher_forward(
-                global_crops, masks, mask_inputs=False
+                global_crops, masks, mask_inputs=False, mask_index=mask_index
             )
         with self.precision.autocast():
-            student_out: NetworkOutput = self.student_forward(global_crops, masks, local_crops)
+            student_out: NetworkOutput = self.student_forward(
+                global_crops, masks, local_crops, mask_index=mask_index
+            )
         losses = self.loss_fn(
             student_out.cls_logits,
             student_out.patch_logits,
@@ -412,12 +423,18 @@ class PretrainTrainer:
         update_teacher(
             self.student.parameters(), self.teacher.parameters(), values.teacher_momentum
         )
+        teacher_probs = None
+        if monitor:
+            teacher_probs = self.loss_fn.teacher_probabilities(
+                teacher_out.cls_logits, values.teacher_temp
+            )
         self.loss_fn.update_center(teacher_out.cls_logits, teacher_out.patch_logits)
         return {
             "losses": loss_values,
             "schedule": values,
             "grad_norm": grad_norm,
             "teacher": teacher_out,
+            "teacher_probs": teacher_probs,
         }
 
     # ----------------------------------------------------------------------------- the loop
@@ -470,7 +487,8 @@ class PretrainTrainer:
                     (self.step % self.steps_per_epoch) * config.data.batch_size_per_gpu
                 )
                 for crops in self.data.loader:
-                    result = self.train_step(crops)
+                    log_now = (self.step + 1) % config.run.log_every_steps == 0
+                    result = self.train_step(crops, monitor=log_now or self.step + 1 == stop)
                     self.step += 1
                     window_steps += 1
                     losses = result["losses"]
@@ -478,10 +496,10 @@ class PretrainTrainer:
                     progress.set_postfix(loss=f"{losses['total']:.4f}", epoch=epoch)
 
                     end_of_epoch = self.step % self.steps_per_epoch == 0
-                    if self.step % config.run.log_every_steps == 0 or self.step == stop:
+                    if result["teacher_probs"] is not None:
                         elapsed = time.perf_counter() - window_start
                         images_per_second = window_steps * self.global_batch_size / elapsed
-                        self.metrics.log_step(self.step, result, images_per_second, self.loss_fn)
+                        self.metrics.log_step(self.step, result, images_per_second)
                         window_start, window_steps = time.perf_counter(), 0
                     if (
                         self.step % config.run.save_every_steps == 0
