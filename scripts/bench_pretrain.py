@@ -6,9 +6,9 @@ Modes, measured in one process so that their ratios are comparable:
   decoding, multi-crop augmentation). The time of a step includes waiting for its batch.
 - ``tensors``: the same steps on one pre-made batch, reused; the gap to ``data`` shows
   whether data loading limits the run.
-- ``bare``: the model math alone, as a baseline: a timm ViT of the same size runs forward and
-  backward on all crops and an EMA-free teacher copy runs forward on the global crops, with no
-  heads, loss, masks or optimizer.
+- ``bare``: the model math alone, as a baseline. A timm ViT of the same size runs forward and
+  backward on all crops, and a copy of it (the teacher) runs forward on the global crops. There
+  are no heads, loss, masks or optimizer.
 
 Each mode runs ``--warmup`` untimed steps, then ``--steps`` timed ones, and reports the median
 step time as images per second. On CUDA it also reports peak allocated memory and model FLOPs
@@ -58,9 +58,10 @@ logger = logging.getLogger("bench_pretrain")
 H200_BF16_PEAK_TFLOPS = 790.0
 
 PRESETS: dict[str, tuple[str | None, list[str]]] = {
-    # ViT-S/16 with stochastic depth 0.1, 16 images per step, 2 global crops of 224 and 6 local
-    # crops of 96, one 8192-way head shared by CLS and patch tokens with normalised
-    # prototypes, block masking at ratio 0.3, fp32, AdamW, clipping at 3.0, 2 workers.
+    # ViT-S/16 with stochastic depth 0.1 and 16 images per step, each cut into 2 global crops
+    # of 224 and 6 local crops of 96. One 8192-way head with normalised prototypes is shared
+    # by CLS and patch tokens. Block masking at ratio 0.3, fp32, AdamW, clipping at 3.0, and
+    # 2 data-loading workers.
     "bench-s": (
         None,
         [
@@ -164,8 +165,9 @@ def estimate_step_flops(config: PretrainConfig, trainer: PretrainTrainer) -> dic
     """Estimate the FLOPs of one training step per image, with and without the heads.
 
     Student: forward and backward (3x forward) on every crop. Teacher: forward on the global
-    crops. Heads: CLS tokens of every crop plus the expected number of masked tokens (the mean
-    of the configured ratios; block masks can fall short of it, so this is an upper estimate).
+    crops. Heads: CLS tokens of every crop plus the expected number of masked tokens, from the
+    mean of the configured ratios. Block masks can fall short of their ratio, so this part is
+    an upper estimate.
     """
     backbone = trainer.student.backbone
     dim, depth, patch = backbone.embed_dim, len(backbone.blocks), backbone.patch_size

@@ -8,7 +8,7 @@ Several GPUs or nodes (each process reads ``RANK``, ``WORLD_SIZE`` and ``LOCAL_R
 
     torchrun --nproc_per_node 8 -m cytofm.cli.pretrain --config configs/pretrain/cytofm_vitb16.yaml
 
-A run folder that already holds checkpoints is resumed from the newest one.
+A run folder that already contains checkpoints is resumed from the newest one.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``cytofm-pretrain`` and return its exit status."""
     args = build_parser().parse_args(argv)
 
-    # Imported here so that --help answers without loading torch.
+    # Imported here so that --help returns without loading torch.
     from cytofm.pretrain.config import load_pretrain_config
     from cytofm.pretrain.distributed import init_distributed, shutdown
     from cytofm.pretrain.trainer import NonFiniteLossError, PretrainTrainer

@@ -40,7 +40,7 @@ def build_pretrain_data(config: PretrainConfig, context: DistributedContext) -> 
     """Build the multi-crop dataset, this rank's sampler and its DataLoader.
 
     Raises:
-        ValueError: no source is configured, or an epoch holds fewer images per rank than one
+        ValueError: no source is configured, or an epoch has fewer images per rank than one
             batch.
     """
     if not config.data.sources:

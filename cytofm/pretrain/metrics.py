@@ -57,7 +57,7 @@ class MetricsWriter:
         # The CLS term is a cross-entropy averaged over (teacher view, student view) pairs, so
         # it equals the teacher's mean entropy plus the mean KL divergence. The entropy part
         # rises while the centre settles and the temperature warms up; the KL part is what the
-        # student reduces by learning. Rank 0's teacher entropy stands in for all ranks.
+        # student reduces by learning. Rank 0's teacher entropy is used for all ranks.
         scalars["loss/cls_kl"] = result["losses"]["cls"] - signals["teacher_entropy"]
         scalars.update(
             {

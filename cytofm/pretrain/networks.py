@@ -71,8 +71,8 @@ class IBOTNetwork(nn.Module):
                 the patch head.
             local_crops: Batches of local crops, one tensor per crop size (student only).
             mask_inputs: Replace masked patches by the mask token before the backbone (the
-                student). The teacher passes False: it sees whole images, and ``masks`` only
-                selects its target tokens.
+                student). The teacher passes False because its input is the whole image, and
+                ``masks`` only selects its target tokens.
             mask_index: ``masks.nonzero(as_tuple=True)`` if already known; passing it avoids
                 a host-device synchronisation on GPU.
 

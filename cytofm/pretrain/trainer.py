@@ -1,9 +1,9 @@
 """The iBOT pretraining loop: one optimizer step per batch, checkpoints, resume, monitoring.
 
-One step: the teacher embeds the global crops (no gradients); the student embeds the global
-crops with masked patches replaced by the mask token, and the local crops unmasked; the iBOT
-loss compares CLS outputs across views and patch outputs at masked positions; AdamW updates
-the student, the teacher follows by EMA, and the loss centres move.
+One step: the teacher embeds the global crops without gradients. The student embeds the
+global crops with masked patches replaced by the mask token, and the local crops unmasked.
+The iBOT loss compares CLS outputs across views and patch outputs at masked positions. Then
+AdamW updates the student, the teacher follows by EMA, and the loss centres move.
 
 Every value that changes over a run (lr, weight decay, teacher momentum and temperature, the
 masks, the data order, stochastic depth) is a function of the seed and the global step, so a
@@ -100,25 +100,29 @@ def draw_step_masks(
 ) -> torch.Tensor:
     """Draw one rank's global-crop masks at ``step``, crop-major ``[crops * B, h * w]``.
 
-    The masks of the whole global batch come from a generator seeded with ``(seed, step)``,
-    and each rank takes the images it holds (items ``rank::world_size``, as the sampler deals
-    them). So the masks of an image neither depend on the number of processes nor change when
-    a run resumes.
+    Each mask comes from a generator seeded with ``(seed, step, crop, position)``, where
+    ``position`` is the image's place in the step's global batch; rank ``r`` holds positions
+    ``r, r + world_size, ...`` as the sampler deals them. So an image's masks neither depend
+    on the number of processes nor change when a run resumes, and each rank draws only its
+    own masks.
     """
-    generator = torch.Generator().manual_seed(derive_seed(seed, step, _MASK_STREAM))
-    global_batch = batch_size_per_rank * world_size
-    masks = generate_masks(
-        num_global_crops * global_batch, grid[0], grid[1], config, generator, epoch=epoch
-    ).masks
-    masks = masks.view(num_global_crops, global_batch, -1)
-    return masks[:, rank::world_size].reshape(-1, masks.shape[-1])
+    masks = []
+    for crop in range(num_global_crops):
+        for item in range(batch_size_per_rank):
+            position = rank + world_size * item
+            generator = torch.Generator().manual_seed(
+                derive_seed(seed, step, _MASK_STREAM, crop, position)
+            )
+            drawn = generate_masks(1, grid[0], grid[1], config, generator, epoch=epoch)
+            masks.append(drawn.masks)
+    return torch.cat(masks)
 
 
 def build_optimizer(student: nn.Module, config: PretrainConfig, device: torch.device):
     """Build AdamW over the student's decay and no-decay groups.
 
-    The fused CUDA kernel is used on GPU and the multi-tensor (foreach) kernel elsewhere; lr
-    and weight decay are set by the schedules before every step.
+    The fused CUDA kernel is used on GPU and the multi-tensor (foreach) kernel elsewhere. The
+    schedules set lr and weight decay before every step.
     """
     groups = param_groups(student, config.optim.weight_decay)
     fused = device.type == "cuda"
@@ -133,14 +137,20 @@ def build_optimizer(student: nn.Module, config: PretrainConfig, device: torch.de
 
 
 def group_by_size(crops: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Concatenate crop batches of the same spatial size, keeping first-seen order of sizes.
+    """Concatenate consecutive crop batches of the same spatial size into one batch each.
 
-    The order of crops inside the result matches the order the loss expects only when crops
-    of one size are contiguous in ``crops``; ``PretrainTrainer`` checks that.
+    The loss expects student outputs in crop order, so crops of one size must be contiguous.
+
+    Raises:
+        ValueError: a crop size reappears after a crop of another size.
     """
     groups: dict[tuple[int, int], list[torch.Tensor]] = {}
     for crop in crops:
-        groups.setdefault(tuple(crop.shape[-2:]), []).append(crop)
+        size = tuple(crop.shape[-2:])
+        if size in groups and size != list(groups)[-1]:
+            sizes = [tuple(crop.shape[-2:]) for crop in crops]
+            raise ValueError(f"local crops of one size must be contiguous, got sizes {sizes}")
+        groups.setdefault(size, []).append(crop)
     return [torch.cat(group) for group in groups.values()]
 
 
@@ -259,10 +269,20 @@ class PretrainTrainer:
             )
         if state["data"].get("world_size", self.context.world_size) != self.context.world_size:
             logger.warning(
-                "resuming with %d processes instead of %d: every image of an epoch is still "
-                "seen once, but batches are composed differently than in an uninterrupted run",
+                "resuming with %d processes instead of %d: the data order and the random "
+                "draws can differ from those of an uninterrupted run",
                 self.context.world_size,
                 state["data"]["world_size"],
+            )
+        saved_steps = state["data"].get("steps_per_epoch", self.steps_per_epoch)
+        if saved_steps != self.steps_per_epoch:
+            logger.warning(
+                "an epoch now has %d steps, the checkpoint's run had %d (images or "
+                "data.samples_per_epoch changed): epochs and schedules continue from step %d "
+                "but no longer match the first part of the run",
+                self.steps_per_epoch,
+                saved_steps,
+                state["step"],
             )
         self.student.backbone.load_state_dict(state["student"])
         self.student.head.load_state_dict(state["student_head"])
@@ -371,7 +391,7 @@ class PretrainTrainer:
         patch_size = self.student.backbone.patch_size
         grid = (global_crops.shape[-2] // patch_size, global_crops.shape[-1] // patch_size)
         masks = self.masks_for_step(step, grid)
-        # Index the masks on the host, so the device never waits to learn their sizes.
+        # Index the masks on the host, so no device synchronisation is needed to size them.
         mask_index = tuple(
             index.to(self.device, non_blocking=True) for index in masks.nonzero(as_tuple=True)
         )
