@@ -8,6 +8,7 @@ import logging
 import pytest
 import torch
 
+from cytofm.cli import pretrain as pretrain_cli
 from cytofm.config import ConfigError
 from cytofm.models.loading import load_backbone
 from cytofm.models.vit import build_vit
@@ -16,7 +17,14 @@ from cytofm.pretrain.config import load_pretrain_config
 from cytofm.pretrain.masking import MaskingConfig
 from cytofm.pretrain.networks import NetworkOutput, forward_selected_tokens
 from cytofm.pretrain.trainer import NonFiniteLossError, PretrainTrainer, draw_step_masks
-from tests.pretrain_helpers import CPU, logged_losses, run_tiny, tiny_config, write_random_images
+from tests.pretrain_helpers import (
+    CPU,
+    logged_losses,
+    run_tiny,
+    tiny_config,
+    tiny_overrides,
+    write_random_images,
+)
 
 
 @pytest.fixture(scope="module")
@@ -204,3 +212,40 @@ def test_selected_tokens_match_full_forward(init_values):
     assert torch.allclose(selected, full, atol=1e-5)
     for name, param in backbone.named_parameters():
         assert torch.allclose(selected_grads[name], param.grad, atol=1e-5), name
+
+
+@pytest.fixture
+def restore_root_logger():
+    # The command installs its own handlers on the root logger; later tests need pytest's.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
+def test_cli_trains_and_rejects_bad_keys(images, tmp_path, capsys, restore_root_logger):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("run:\n  max_steps: 2\n")
+    output_dir = tmp_path / "run"
+    overrides = tiny_overrides(images, output_dir)
+
+    assert pretrain_cli.main(["--config", str(config_file), *overrides]) == 0
+    assert (output_dir / "train.log").is_file()
+    assert "step 2: loss" in (output_dir / "train.log").read_text()
+    assert [step for step, _ in list_checkpoints(output_dir)] == [2]
+    saved = load_pretrain_config(output_dir / "config.yaml")
+    assert saved.run.max_steps == 2
+    assert saved.model.embed_dim == 32
+
+    capsys.readouterr()
+    # The command replaces the root logger's handlers, so its messages go to stderr only.
+    status = pretrain_cli.main(["--config", str(config_file), "optim.lrr=1"])
+    assert status == 2
+    assert "unknown config key(s): optim.lrr" in capsys.readouterr().err
