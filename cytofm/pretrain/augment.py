@@ -25,6 +25,8 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
+from cytofm.config import ConfigError
+
 # Ruifrok & Johnston (2001), "Quantification of histochemical staining by color
 # deconvolution": optical-density vectors (R, G, B) of haematoxylin, eosin and DAB, one per row.
 # The same values as ``skimage.color.rgb_from_hed``.
@@ -115,12 +117,12 @@ class MultiCropConfig:
 
     def __post_init__(self) -> None:
         if self.global_crops_number < 1 or self.local_crops_number < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"need global_crops_number >= 1 and local_crops_number >= 0, got "
                 f"{self.global_crops_number} and {self.local_crops_number}"
             )
         if self.global_crop_size < 1 or self.local_crop_size < 1:
-            raise ValueError("crop sizes must be positive")
+            raise ConfigError("crop sizes must be positive")
         for name in (
             "global_crops_scale",
             "local_crops_scale",
@@ -131,21 +133,21 @@ class MultiCropConfig:
         ):
             low, high = getattr(self, name)
             if low > high:
-                raise ValueError(f"{name} must be (low, high) with low <= high, got {(low, high)}")
+                raise ConfigError(f"{name} must be (low, high) with low <= high, got {(low, high)}")
         for name in ("global_crops_scale", "local_crops_scale"):
             low, high = getattr(self, name)
             if not 0.0 < low <= high <= 1.0:
-                raise ValueError(f"{name} must lie in (0, 1], got {(low, high)}")
+                raise ConfigError(f"{name} must lie in (0, 1], got {(low, high)}")
         probabilities = [name for name in vars(self) if name.endswith("_p") or "_p_" in name]
         for name in probabilities:
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(
+                raise ConfigError(
                     f"{name} must be a probability in [0, 1], got {getattr(self, name)}"
                 )
         if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
+            raise ConfigError(f"hue must be in [0, 0.5], got {self.hue}")
         if min(self.std) <= 0:
-            raise ValueError(f"std must be positive, got {self.std}")
+            raise ConfigError(f"std must be positive, got {self.std}")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,8 @@ from typing import Literal, NamedTuple
 import numpy as np
 import torch
 
+from cytofm.config import ConfigError
+
 _TRIES_PER_BLOCK = 10
 
 
@@ -56,24 +58,24 @@ class MaskingConfig:
 
     def __post_init__(self) -> None:
         if not self.ratios or len(self.ratios) != len(self.ratio_variations):
-            raise ValueError(
+            raise ConfigError(
                 f"masking ratios {self.ratios} and ratio_variations {self.ratio_variations} must "
                 "be non-empty lists of equal length"
             )
         for ratio, variation in zip(self.ratios, self.ratio_variations):
             if not 0.0 <= variation <= ratio or ratio + variation > 1.0:
-                raise ValueError(
+                raise ConfigError(
                     f"masking ratio {ratio} with variation {variation} must satisfy "
                     "0 <= variation <= ratio and ratio + variation <= 1"
                 )
         low, high = self.aspect_ratio
         if not 0.0 < low <= high:
-            raise ValueError(
+            raise ConfigError(
                 f"masking aspect_ratio must be (low, high) with 0 < low <= high, "
                 f"got {self.aspect_ratio}"
             )
         if self.min_patches_per_block is not None and self.min_patches_per_block < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"min_patches_per_block must be at least 1 or null, got "
                 f"{self.min_patches_per_block}"
             )
