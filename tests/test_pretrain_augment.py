@@ -128,8 +128,10 @@ def test_random_resized_crop_box_inside_image():
     random.seed(0)
     for _ in range(200):
         left, top, width, height = random_resized_crop_box(120, 80, (0.05, 0.4), (0.75, 4 / 3))
-        assert 0 <= left and left + width <= 120
-        assert 0 <= top and top + height <= 80
+        assert left >= 0
+        assert left + width <= 120
+        assert top >= 0
+        assert top + height <= 80
         area = width * height / (120 * 80)
         assert 0.03 < area < 0.45
 

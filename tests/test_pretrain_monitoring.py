@@ -76,3 +76,19 @@ def test_prototype_share_checked_only_for_large_batches():
     assert detect_collapse(signals, limits) is None
     limits.min_batch_for_share = 4
     assert "one prototype" in detect_collapse(signals, limits)
+
+
+def test_information_ratio_one_for_distinct_one_hot():
+    probs = torch.eye(K)[:16]
+    signals = collapse_signals(probs, torch.randn(16, D))
+    assert signals["teacher_information_ratio"] == pytest.approx(1.0, abs=1e-5)
+    assert signals["teacher_entropy"] == pytest.approx(0.0, abs=1e-5)
+
+
+def test_detect_collapse_silent_before_start_step():
+    probs, embeddings = healthy_inputs()
+    signals = collapse_signals(probs[:1].expand(N, K), embeddings)
+    limits = CollapseThresholds(start_step=100)
+    assert detect_collapse(signals, limits, step=99) is None
+    assert detect_collapse(signals, limits, step=100) is not None
+    assert detect_collapse(signals, limits) is not None

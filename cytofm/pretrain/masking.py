@@ -5,9 +5,10 @@ value ``uniform(r - v, r + v)`` per entry of ``ratios``/``ratio_variations``, th
 values at random. iBOT ViT-B uses ratios ``[0, 0.3]`` with variations ``[0, 0.2]``, so about
 half of the images are not masked and the other half mask 10-50% of their patches.
 
-Block mode follows iBOT's loop (taken from BEiT's ``MaskingGenerator``): place rectangles of
-random area in ``[min_patches_per_block, remaining]`` and log-uniform aspect ratio, and accept
-one only when it adds at least one new patch and no more than the number still to be masked.
+Block mode follows iBOT's loop, which iBOT took from BEiT's ``MaskingGenerator``. It places
+rectangles of random area in ``[min_patches_per_block, remaining]`` and log-uniform aspect
+ratio. A rectangle is accepted only when it adds at least one new patch and no more than the
+number still to be masked.
 Up to 10 tries are made per rectangle, and the loop stops once the target is reached or when
 10 tries in a row add nothing. iBOT's default minimum area is ``(min(h, w) // 3) ** 2``. The
 loop never overshoots, but it can stop short of the target. iBOT keeps such a mask as it is,

@@ -1,8 +1,8 @@
 """Per-step schedules for learning rate, weight decay, teacher momentum and temperature.
 
 Every schedule is a pure function of the global optimizer step, so a resumed run only needs
-the step counter and never stores precomputed arrays (DINO and iBOT build numpy arrays of one
-value per step at start-up and index into them).
+the step counter. DINO and iBOT instead build numpy arrays of one value per step at start-up
+and index into them.
 """
 
 from __future__ import annotations
