@@ -20,6 +20,7 @@ Random mode masks ``int(ratio * h * w)`` patches chosen uniformly, as iBOT's ``r
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
@@ -127,17 +128,19 @@ def generate_masks(
             torch.zeros(batch_size, dtype=torch.float32),
         )
 
-    # One 63-bit draw from the torch generator seeds a numpy generator, which is much faster
-    # than torch for the many scalar draws of the block loop.
+    # One 63-bit draw from the torch generator seeds a numpy generator for the array draws and
+    # a private random.Random for the many scalar draws of the block loop, where it is much
+    # faster than numpy or torch. The global ``random`` state is not touched.
     seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
     rng = np.random.default_rng(seed)
+    block_rng = random.Random(seed)
 
     ratios = _draw_ratios(batch_size, config, rng)
     masks = np.zeros((batch_size, grid_h, grid_w), dtype=bool)
     for index, ratio in enumerate(ratios):
         if config.mode == "block":
             target = ratio * num_patches
-            _place_blocks(masks[index], target, config, rng)
+            _place_blocks(masks[index], target, config, block_rng)
             if config.fill_to_target:
                 _fill_randomly(masks[index], int(round(target)), rng)
         else:
@@ -176,7 +179,7 @@ def _draw_ratios(batch_size: int, config: MaskingConfig, rng: np.random.Generato
 
 
 def _place_blocks(
-    mask: np.ndarray, target: float, config: MaskingConfig, rng: np.random.Generator
+    mask: np.ndarray, target: float, config: MaskingConfig, rng: random.Random
 ) -> None:
     grid_h, grid_w = mask.shape
     min_area = config.min_patches_per_block
@@ -197,10 +200,10 @@ def _place_blocks(
             # iBOT requires the block to be strictly smaller than the grid in both directions.
             if not (height < grid_h and width < grid_w):
                 continue
-            top = int(rng.integers(0, grid_h - height + 1))
-            left = int(rng.integers(0, grid_w - width + 1))
+            top = rng.randint(0, grid_h - height)
+            left = rng.randint(0, grid_w - width)
             window = mask[top : top + height, left : left + width]
-            new = height * width - int(window.sum())
+            new = height * width - int(np.count_nonzero(window))
             if 0 < new <= remaining:
                 window[...] = True
                 added = new
