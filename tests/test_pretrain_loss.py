@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from cytofm.pretrain.loss import IBOTLoss
+from cytofm.pretrain.masking import MaskingConfig, generate_masks, masked_token_index
 
 NUM_GLOBAL = 2
 NUM_LOCAL = 3
@@ -252,3 +253,29 @@ def test_teacher_probabilities_centred_and_sharpened():
     probs = loss.teacher_probabilities(logits, 0.04)
     expected = F.softmax((logits - loss.center) / 0.04, dim=-1)
     torch.testing.assert_close(probs, expected)
+
+
+def test_loss_matches_dense_ibot_formulation():
+    # iBOT computes the patch term on every token of [B, N, K'] tensors and multiplies by the
+    # mask. Selecting masked tokens with masked_token_index must give the same value.
+    generator = torch.Generator().manual_seed(11)
+    num_tokens = 16
+    masks = generate_masks(
+        NUM_GLOBAL * BATCH, 4, 4, MaskingConfig(), torch.Generator().manual_seed(3)
+    ).masks
+    masks[0] = False  # make sure one image has no masked token
+    dense_student = torch.randn(NUM_GLOBAL * BATCH, num_tokens, K_PATCH, generator=generator)
+    dense_teacher = torch.randn(NUM_GLOBAL * BATCH, num_tokens, K_PATCH, generator=generator)
+    s_cls = torch.randn((NUM_GLOBAL + NUM_LOCAL) * BATCH, K_CLS, generator=generator)
+    t_cls = torch.randn(NUM_GLOBAL * BATCH, K_CLS, generator=generator)
+
+    index, num_masked = masked_token_index(masks)
+    out = build_loss()(
+        s_cls, dense_student[masks], t_cls, dense_teacher[masks], index, num_masked, 0.1, 0.04
+    )
+
+    teacher_probs = F.softmax(dense_teacher / 0.04, dim=-1)
+    token_loss = -(teacher_probs * F.log_softmax(dense_student / 0.1, dim=-1)).sum(-1)
+    per_image = (token_loss * masks).sum(-1) / masks.sum(-1).clamp(min=1)
+    expected = torch.stack([view.mean() for view in per_image.chunk(NUM_GLOBAL)]).mean()
+    torch.testing.assert_close(out["patch"], expected, rtol=1e-5, atol=1e-6)
