@@ -87,8 +87,8 @@ def collapse_signals(teacher_probs: torch.Tensor, cls_embeddings: torch.Tensor) 
     marginal = probs.mean(0)
     marginal_entropy = -(marginal * torch.log(marginal.clamp_min(1e-12))).sum()
 
-    information = (marginal_entropy - entropy).item()
-    information_ratio = information / max_information if max_information > 0 else 0.0
+    information = marginal_entropy - entropy
+    information_ratio = information / max_information if max_information > 0 else information * 0
 
     argmax = probs.argmax(-1)
     counts = torch.bincount(argmax, minlength=num_prototypes)
@@ -97,18 +97,22 @@ def collapse_signals(teacher_probs: torch.Tensor, cls_embeddings: torch.Tensor) 
     if embeddings.shape[0] > 1:
         cls_std = embeddings.std(dim=0).mean() * math.sqrt(embeddings.shape[1])
     else:
-        cls_std = torch.tensor(float("nan"))
+        cls_std = torch.tensor(float("nan"), device=embeddings.device)
 
-    return {
-        "teacher_entropy": entropy.item(),
-        "teacher_entropy_ratio": (entropy / log_k).item(),
-        "teacher_marginal_entropy_ratio": (marginal_entropy / log_k).item(),
+    values = {
+        "teacher_entropy": entropy,
+        "teacher_entropy_ratio": entropy / log_k,
+        "teacher_marginal_entropy_ratio": marginal_entropy / log_k,
         "teacher_information_ratio": information_ratio,
-        "top_prototype_share": (counts.max() / probs.shape[0]).item(),
-        "active_prototypes": float((counts > 0).sum().item()),
-        "cls_std": cls_std.item(),
-        "batch_size": float(probs.shape[0]),
+        "top_prototype_share": counts.max() / batch_size,
+        "active_prototypes": (counts > 0).sum(),
+        "cls_std": cls_std.to(probs.device),
     }
+    # One device-to-host copy for all values, so a GPU run synchronises once.
+    numbers = torch.stack([value.float() for value in values.values()]).tolist()
+    signals = dict(zip(values, numbers))
+    signals["batch_size"] = float(batch_size)
+    return signals
 
 
 def detect_collapse(
