@@ -163,7 +163,8 @@ def _convert(annotation: Any, value: Any, key: str) -> Any:
 def to_dict(config: Any) -> Any:
     """Convert a config dataclass into plain YAML-safe data (paths become strings)."""
     if dataclasses.is_dataclass(config) and not isinstance(config, type):
-        return {field.name: to_dict(getattr(config, field.name)) for field in dataclasses.fields(config)}
+        fields = dataclasses.fields(config)
+        return {field.name: to_dict(getattr(config, field.name)) for field in fields}
     if isinstance(config, (list, tuple)):
         return [to_dict(item) for item in config]
     if isinstance(config, dict):

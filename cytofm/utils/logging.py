@@ -9,7 +9,9 @@ from pathlib import Path
 FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
-def setup_logging(log_file: str | Path | None = None, rank: int = 0, level: int = logging.INFO) -> None:
+def setup_logging(
+    log_file: str | Path | None = None, rank: int = 0, level: int = logging.INFO
+) -> None:
     """Configure the root logger once per process.
 
     Only rank 0 logs INFO to the console; other ranks log warnings and errors, so a multi-GPU
