@@ -6,7 +6,8 @@ A feature set lives in one folder::
         features/<safe bag file name>.pt   {"features": float32 [N, D],
                                             "coords": int64 [N, 4] (x0, y0, x1, y1 in
                                             source-image pixels),
-                                            "patch_tokens": float32 [N, T, D] (optional)}
+                                            "patch_tokens": float32 [N, T, D] (optional),
+                                            "patch_grid": int64 [2] (rows, columns of T)}
         index.csv                          bag_id,label,group,split,num_instances,file
         meta.json                          backbone source, format, embed_dim, transform,
                                            extraction config
@@ -65,14 +66,21 @@ def save_bag_features(
     features: Tensor,
     coords: Tensor,
     patch_tokens: Tensor | None = None,
+    *,
+    extra: dict[str, Tensor] | None = None,
 ) -> None:
-    """Write one bag's features atomically (a crash never leaves a half-written file)."""
+    """Write one bag's features atomically (a crash never leaves a half-written file).
+
+    ``extra`` adds further plain tensors, e.g. ``patch_grid`` (rows, columns of the tokens).
+    """
     record = {
         "features": features.detach().to("cpu", torch.float32).contiguous(),
         "coords": coords.detach().to("cpu", torch.int64).contiguous(),
     }
     if patch_tokens is not None:
         record["patch_tokens"] = patch_tokens.detach().to("cpu", torch.float32).contiguous()
+    for key, value in (extra or {}).items():
+        record[key] = value.detach().cpu().contiguous()
     atomic_torch_save(record, path)
 
 
