@@ -7,7 +7,6 @@ python=${1:-python3}
 if [ ! -x .venv/bin/python ]; then
     "$python" -m venv .venv
 fi
-.venv/bin/python -m pip install --quiet --upgrade pip
 # torch and torchvision first, so a machine with a local wheel cache or a CUDA-specific index
 # configured in pip picks its own build; pyproject.toml only declares version ranges.
 .venv/bin/python -m pip install --quiet "torch>=2.3,<3" "torchvision>=0.18"
