@@ -7,6 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
+from cytofm.data.decode import ImageDecodeError
 from cytofm.models.loading import build_transform
 from cytofm.visualize.attention import (
     cls_patch_attention,
@@ -16,10 +17,8 @@ from cytofm.visualize.attention import (
 )
 from cytofm.visualize.drawing import blend_heatmap, dim_outside_mask
 from cytofm.visualize.images import (
-    ImageReadError,
     plan_model_input,
     prepare_input,
-    read_rgb,
     upsample_to_image,
 )
 from tests.visualize_fixtures import (
@@ -168,15 +167,6 @@ def test_blend_heatmap_keeps_image_where_nan():
     assert not np.array_equal(blended[0, 0], image[0, 0])
 
 
-def test_read_rgb_names_unreadable_file(tmp_path):
-    broken = tmp_path / "broken.png"
-    broken.write_bytes(b"not an image")
-    with pytest.raises(ImageReadError, match="broken.png"):
-        read_rgb(broken)
-    with pytest.raises(ImageReadError, match="image not found"):
-        read_rgb(tmp_path / "missing.png")
-
-
 def test_run_attention_writes_one_figure_per_image(tmp_path):
     checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt", reg_tokens=1)
     square = write_noise_image(tmp_path / "square.png", 32, 32)
@@ -192,5 +182,5 @@ def test_run_attention_bad_image_fails_before_loading(tmp_path):
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"\x89PNG\r\n\x1a\n truncated")
     # The checkpoint does not exist: the image error must come first.
-    with pytest.raises(ImageReadError, match="broken.png"):
+    with pytest.raises(ImageDecodeError, match="broken.png"):
         run_attention(tmp_path / "missing.pt", [broken], tmp_path / "out")

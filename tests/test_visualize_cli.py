@@ -45,7 +45,7 @@ def test_attention_command_unreadable_image(tmp_path):
     out = tmp_path / "out"
     code = main(["attention", str(broken), "--checkpoint", "x.pt", "--out", str(out)])
     assert code == 1
-    assert f"cannot read image {broken}" in (out / LOG_NAME).read_text()
+    assert f"cannot decode image {broken}" in (out / LOG_NAME).read_text()
 
 
 def test_attention_command_rejects_bad_share(tmp_path, capsys):

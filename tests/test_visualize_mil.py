@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
+import yaml
 from PIL import Image
 
 from cytofm.visualize.mil import (
     BagNotFoundError,
     downscale_for_display,
     find_source_image,
+    locate_source_image,
     rank_tiles,
     read_mil_bag,
     run_mil,
@@ -80,6 +84,9 @@ def test_rank_tiles_and_percentiles():
     np.testing.assert_array_equal(top, [1, 3])
     np.testing.assert_array_equal(bottom, [2, 0])
     np.testing.assert_allclose(scale_attention(attention, "percentile"), [25, 100, 0, 75, 50])
+    small_top, small_bottom = rank_tiles(np.array([0.2, 0.5, 0.3]), 8)
+    np.testing.assert_array_equal(small_top, [1])
+    np.testing.assert_array_equal(small_bottom, [0])
     np.testing.assert_array_equal(scale_attention(attention, "raw"), attention)
 
 
@@ -123,6 +130,52 @@ def test_find_source_image(tmp_path):
         find_source_image("slide_8", tmp_path)
 
 
+def write_run_records(run, tmp_path, bags_meta):
+    """Write the run's config.yaml and the feature set's meta.json that point at the images."""
+    feature_dir = tmp_path / "features" / "features_a"
+    feature_dir.mkdir(parents=True)
+    meta = {"format": "cytofm-features", "version": 1, "bags": bags_meta}
+    (feature_dir / "meta.json").write_text(json.dumps(meta))
+    config = {"feature_sets": [{"name": "features_a", "path": str(feature_dir)}]}
+    (run / "config.yaml").write_text(yaml.safe_dump(config))
+
+
+def test_locate_source_image_from_labels_csv(tmp_path):
+    run = make_run(tmp_path / "run")
+    (tmp_path / "data" / "images").mkdir(parents=True)
+    image = write_noise_image(tmp_path / "data" / "images" / "s7.png", 8, 8)
+    labels = tmp_path / "data" / "labels.csv"
+    labels.write_text("bag_id,label,path\nslide_7,positive,images/s7.png\n")
+    bags_meta = {"kind": "image_tiles", "root": str(tmp_path / "data"), "labels_csv": str(labels)}
+    write_run_records(run, tmp_path, bags_meta)
+    fold_dir = read_mil_bag(run, "slide_7").fold_dir
+    assert locate_source_image(run, fold_dir, "slide_7") == image
+
+
+def test_locate_source_image_class_folders_and_points(tmp_path):
+    run = make_run(tmp_path / "run")
+    fold_dir = read_mil_bag(run, "slide_7").fold_dir
+    (tmp_path / "data" / "abnormal").mkdir(parents=True)
+    image = write_noise_image(tmp_path / "data" / "abnormal" / "a.png", 8, 8)
+
+    write_run_records(run, tmp_path, {"kind": "class_folders", "root": str(tmp_path / "data")})
+    assert locate_source_image(run, fold_dir, "abnormal/a.png") == image
+
+    points_meta = {"kind": "points", "root": str(tmp_path / "data"), "point_bags": "point"}
+    (run / "config.yaml").unlink()
+    (tmp_path / "features").rename(tmp_path / "old_features")
+    write_run_records(run, tmp_path, points_meta)
+    assert locate_source_image(run, fold_dir, "abnormal/a.png#3") == image
+
+
+def test_locate_source_image_tile_folder_needs_image(tmp_path):
+    run = make_run(tmp_path / "run")
+    write_run_records(run, tmp_path, {"kind": "tile_folder", "root": str(tmp_path)})
+    fold_dir = read_mil_bag(run, "slide_7").fold_dir
+    with pytest.raises(FileNotFoundError, match="no single source image"):
+        locate_source_image(run, fold_dir, "slide_7")
+
+
 def test_run_mil_writes_heatmap_and_tiles(tmp_path):
     run = make_run(tmp_path / "run")
     images = tmp_path / "images"
@@ -135,7 +188,7 @@ def test_run_mil_writes_heatmap_and_tiles(tmp_path):
             assert figure.format == "PNG"
 
 
-def test_run_mil_needs_an_image(tmp_path):
+def test_run_mil_without_records_asks_for_image(tmp_path):
     run = make_run(tmp_path / "run")
-    with pytest.raises(ValueError, match="--image"):
+    with pytest.raises(FileNotFoundError, match="pass --image"):
         run_mil(run, "slide_7", tmp_path / "out")

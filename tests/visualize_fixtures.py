@@ -10,6 +10,12 @@ import numpy as np
 import torch
 from PIL import Image
 
+from cytofm.evaluation.feature_store import (
+    IndexRow,
+    safe_file_name,
+    save_bag_features,
+    write_index,
+)
 from cytofm.models.vit import build_vit
 
 TINY_HEADS = 2
@@ -57,29 +63,25 @@ def write_noise_image(path: Path, height: int, width: int, seed: int = 0) -> Pat
 def write_feature_set(
     root: Path, bags: dict[str, tuple[str, np.ndarray]], coords: np.ndarray | None = None
 ) -> Path:
-    """Write a feature set folder: ``features/<bag>.pt`` and ``index.csv``.
+    """Write a feature set folder with the feature store's own writers.
 
     Args:
         root: Feature set folder.
-        bags: bag id to (label, features [N, D]).
+        bags: bag id to (label, features [N, D]); an empty label is written as missing.
         coords: Boxes used for every bag; default zeros.
     """
     (root / "features").mkdir(parents=True, exist_ok=True)
     rows = []
     for bag_id, (label, features) in bags.items():
         boxes = np.zeros((len(features), 4)) if coords is None else coords
-        torch.save(
-            {
-                "features": torch.as_tensor(features, dtype=torch.float32),
-                "coords": torch.as_tensor(boxes, dtype=torch.int64),
-            },
-            root / "features" / f"{bag_id}.pt",
+        file_name = safe_file_name(bag_id)
+        save_bag_features(
+            root / "features" / file_name,
+            torch.as_tensor(features, dtype=torch.float32),
+            torch.as_tensor(boxes, dtype=torch.int64),
         )
-        rows.append([bag_id, label, "", "", len(features), f"{bag_id}.pt"])
-    with (root / "index.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["bag_id", "label", "group", "split", "num_instances", "file"])
-        writer.writerows(rows)
+        rows.append(IndexRow(bag_id, label or None, None, None, len(features), file_name))
+    write_index(rows, root / "index.csv")
     return root
 
 

@@ -7,6 +7,7 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
+from cytofm.data.decode import ImageDecodeError
 from cytofm.utils.logging import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -101,8 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     mil.add_argument("--run", type=Path, required=True, help="output folder of cytofm-eval-mil")
     mil.add_argument("--bag", required=True, help="bag id as in the feature index")
-    source = mil.add_mutually_exclusive_group(required=True)
-    source.add_argument("--image", type=Path, help="source image of the bag")
+    source = mil.add_mutually_exclusive_group()
+    source.add_argument(
+        "--image",
+        type=Path,
+        help="source image of the bag (default: found through the run's config and the "
+        "feature set's meta.json)",
+    )
     source.add_argument(
         "--image-root",
         type=Path,
@@ -223,7 +229,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     setup_logging(args.out / LOG_NAME)
     try:
         written = run_command(args)
-    except (OSError, ValueError, LookupError, ImportError) as error:
+    except (OSError, ValueError, LookupError, ImportError, ImageDecodeError) as error:
         logger.error("cytofm-visualize %s failed: %s", args.command, error)
         return 1
     logger.info("%s: wrote %d file(s) to %s", args.command, len(written), args.out)

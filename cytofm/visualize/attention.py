@@ -19,6 +19,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
+from cytofm.data.decode import load_rgb
 from cytofm.visualize.drawing import blend_heatmap, dim_outside_mask, new_figure, save_figure
 from cytofm.visualize.images import (
     IMAGE_SUFFIXES,
@@ -26,7 +27,6 @@ from cytofm.visualize.images import (
     InputPlan,
     plan_model_input,
     prepare_input,
-    read_rgb,
     upsample_to_image,
 )
 
@@ -269,13 +269,13 @@ def run_attention(
 
     Raises:
         FileNotFoundError: An image or the checkpoint is missing.
-        ImageReadError: An image cannot be decoded.
+        ImageDecodeError: An image cannot be decoded.
     """
     from cytofm.models.loading import load_backbone
 
     out_dir = Path(out_dir)
     files = list_image_files(images)
-    sources = [(path, read_rgb(path)) for path in files]
+    sources = [(path, load_rgb(path)) for path in files]
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")

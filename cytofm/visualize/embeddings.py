@@ -10,7 +10,6 @@ Each panel's title carries the silhouette score of the labels in the full featur
 
 from __future__ import annotations
 
-import csv
 import importlib.util
 import logging
 from collections.abc import Sequence
@@ -20,13 +19,13 @@ from typing import Literal
 
 import matplotlib
 import numpy as np
-import torch
 from matplotlib.figure import Figure
 from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 from threadpoolctl import threadpool_limits
 
+from cytofm.evaluation.feature_store import FeatureSet
 from cytofm.utils.io import atomic_write_text
 from cytofm.visualize.drawing import new_figure, save_figure
 
@@ -56,26 +55,6 @@ class FeaturePoints:
     bag_ids: list[str]
 
 
-def read_feature_index(folder: Path) -> list[dict[str, str]]:
-    """Read ``index.csv`` of a feature set (``bag_id,label,group,split,num_instances,file``).
-
-    Raises:
-        FileNotFoundError: The folder or its index is missing.
-        ValueError: The index lacks the ``bag_id``, ``label`` or ``file`` column.
-    """
-    index = folder / "index.csv"
-    if not index.is_file():
-        raise FileNotFoundError(
-            f"feature index not found: {index}; pass a folder written by cytofm-extract"
-        )
-    with index.open(newline="") as handle:
-        reader = csv.DictReader(handle)
-        missing = {"bag_id", "label", "file"} - set(reader.fieldnames or [])
-        if missing:
-            raise ValueError(f"{index}: missing column(s) {sorted(missing)}")
-        return list(reader)
-
-
 def load_feature_points(
     folder: str | Path,
     *,
@@ -94,33 +73,30 @@ def load_feature_points(
         seed: Seed of the subsample.
         name: Panel title; default the folder name.
     """
-    folder = Path(folder)
-    rows = read_feature_index(folder)
-    if not rows:
-        raise ValueError(f"{folder / 'index.csv'} lists no bags")
+    feature_set = FeatureSet(folder)
+    if not feature_set.rows:
+        raise ValueError(f"{feature_set.root / 'index.csv'} lists no bags")
     features, labels, bag_ids = [], [], []
-    for row in rows:
-        path = folder / "features" / row["file"]
-        if not path.is_file():
-            raise FileNotFoundError(f"feature file of bag {row['bag_id']!r} not found: {path}")
-        bag_features = torch.load(path, map_location="cpu", weights_only=True)["features"]
-        bag_features = bag_features.float().numpy()
+    for row in feature_set.rows:
+        bag_features = feature_set.load(row.bag_id)["features"].float().numpy()
         if bag_features.shape[0] == 0:
-            logger.warning("bag %r in %s has no instances; left out", row["bag_id"], folder)
+            logger.warning("bag %r in %s has no instances; left out", row.bag_id, folder)
             continue
         if level == "bag":
             bag_features = bag_features.mean(axis=0, keepdims=True)
         features.append(bag_features)
-        labels.extend([row["label"] or UNLABELLED] * len(bag_features))
-        bag_ids.extend([row["bag_id"]] * len(bag_features))
+        labels.extend([row.label or UNLABELLED] * len(bag_features))
+        bag_ids.extend([row.bag_id] * len(bag_features))
 
+    if not features:
+        raise ValueError(f"every bag in {folder} has zero instances; nothing to draw")
     stacked = np.concatenate(features).astype(np.float32)
     if max_points is not None and len(stacked) > max_points:
         keep = np.sort(np.random.default_rng(seed).choice(len(stacked), max_points, replace=False))
         stacked = stacked[keep]
         labels = [labels[i] for i in keep]
         bag_ids = [bag_ids[i] for i in keep]
-    return FeaturePoints(name or folder.name, stacked, labels, bag_ids)
+    return FeaturePoints(name or feature_set.root.name, stacked, labels, bag_ids)
 
 
 def resolve_method(method: Method) -> Literal["tsne", "umap", "pca"]:

@@ -1,4 +1,4 @@
-"""Reading source images and planning how an image of any size is fed to a ViT.
+"""Planning how an image of any size is fed to a ViT, and mapping results back onto it.
 
 A ViT takes inputs whose sides are multiples of its patch size. ``plan_model_input`` decides
 how an image of arbitrary size gets there (optional downscaling to ``max_size``, then a resize
@@ -11,7 +11,6 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -21,27 +20,6 @@ from PIL import Image
 
 FitMode = Literal["resize", "pad"]
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
-
-
-class ImageReadError(ValueError):
-    """An image file that is missing or cannot be decoded."""
-
-
-def read_rgb(path: str | Path) -> Image.Image:
-    """Read an image file as 8-bit RGB.
-
-    Raises:
-        ImageReadError: The file is missing or is not an image Pillow can decode.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ImageReadError(f"image not found: {path}")
-    try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, ValueError, SyntaxError) as error:
-        raise ImageReadError(f"cannot read image {path}: {error}") from error
 
 
 @dataclass(frozen=True)

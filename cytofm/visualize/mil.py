@@ -16,6 +16,7 @@ The run folder is read by ``read_mil_bag``, the only function that knows the lay
 from __future__ import annotations
 
 import csv
+import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,18 +25,22 @@ from typing import Literal
 import matplotlib
 import numpy as np
 import torch
+import yaml
 from matplotlib.cm import ScalarMappable
 from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
+from cytofm.data.bags import read_labels_csv
+from cytofm.data.decode import load_rgb
 from cytofm.visualize.drawing import blend_heatmap, new_figure, save_figure
-from cytofm.visualize.images import IMAGE_SUFFIXES, read_rgb
+from cytofm.visualize.images import IMAGE_SUFFIXES
 
 logger = logging.getLogger(__name__)
 
 Scale = Literal["raw", "percentile"]
-HEATMAP_CMAP = "inferno"
+# Blue to red keeps the image visible at both ends; inferno's black low end hides the tissue.
+HEATMAP_CMAP = "coolwarm"
 
 
 class BagNotFoundError(LookupError):
@@ -123,7 +128,7 @@ def read_mil_bag(
         )
     if len(matches) > 1:
         logger.info(
-            "bag %r is a test bag in %d folds; showing %s (choose with --feature-set/--seed)",
+            "bag %r is in %d fold folders; showing %s (choose with --feature-set/--seed)",
             bag_id,
             len(matches),
             matches[0][0],
@@ -186,6 +191,65 @@ def find_source_image(bag_id: str, image_root: str | Path) -> Path:
     )
 
 
+def locate_source_image(run_dir: str | Path, fold_dir: Path, bag_id: str) -> Path:
+    """Find a bag's source image from the run's config and its feature set's ``meta.json``.
+
+    The run's ``config.yaml`` names the feature set folder; its ``meta.json`` records the bag
+    settings of ``cytofm-extract`` (kind, root, labels CSV). Relative paths in both are
+    resolved against the working directory first, then against the run folder's parent.
+
+    Raises:
+        FileNotFoundError: A file on that chain is missing, the bag kind has no single source
+            image (``tile_folder``), or the image does not exist; the message says which.
+    """
+    run_dir = Path(run_dir)
+    feature_set_name = fold_dir.relative_to(run_dir).parts[0]
+    config_path = run_dir / "config.yaml"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"run config not found: {config_path}; pass --image")
+    config = yaml.safe_load(config_path.read_text()) or {}
+    entries = [e for e in config.get("feature_sets", []) if e.get("name") == feature_set_name]
+    if not entries:
+        raise FileNotFoundError(f"{config_path} has no feature set named {feature_set_name!r}")
+    feature_dir = _resolve(entries[0]["path"], run_dir)
+    meta_path = feature_dir / "meta.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"feature metadata not found: {meta_path}; pass --image")
+    bags = json.loads(meta_path.read_text()).get("bags") or {}
+
+    kind = bags.get("kind")
+    root = _resolve(bags.get("root", "."), run_dir)
+    if kind in ("image_tiles", "wsi") and bags.get("labels_csv"):
+        rows = read_labels_csv(_resolve(bags["labels_csv"], run_dir))
+        paths = {row["bag_id"]: row["path"] or row["bag_id"] for row in rows}
+        if bag_id not in paths:
+            raise FileNotFoundError(f"bag {bag_id!r} is not in {bags['labels_csv']}")
+        candidate = root / paths[bag_id]
+    elif kind == "class_folders":
+        candidate = root / bag_id
+    elif kind == "points":
+        # Point bags are named after their image, or "<image>#<point number>".
+        image = bag_id.rsplit("#", 1)[0] if bags.get("point_bags") == "point" else bag_id
+        candidate = root / image
+    else:
+        raise FileNotFoundError(
+            f"bags of kind {kind!r} in {meta_path} have no single source image; pass --image"
+        )
+    if not candidate.is_file():
+        raise FileNotFoundError(
+            f"source image of bag {bag_id!r} not found at {candidate}; pass --image or --image-root"
+        )
+    return candidate
+
+
+def _resolve(path: str | Path, run_dir: Path) -> Path:
+    path = Path(path)
+    if path.is_absolute() or path.exists():
+        return path
+    beside_run = run_dir.parent / path
+    return beside_run if beside_run.exists() else path
+
+
 def tile_heatmap(values: np.ndarray, coords: np.ndarray, image_size: tuple[int, int]) -> np.ndarray:
     """Paint one value per box onto an image-sized map.
 
@@ -238,10 +302,11 @@ def scale_attention(attention: np.ndarray, scale: Scale) -> np.ndarray:
 def rank_tiles(attention: np.ndarray, count: int) -> tuple[np.ndarray, np.ndarray]:
     """Return the indices of the ``count`` highest (descending) and lowest (ascending) weights.
 
-    With fewer than ``2 * count`` instances the two lists share instances.
+    With fewer than ``2 * count`` instances, ``count`` shrinks to half of them so that the two
+    lists do not overlap; a single instance is in both.
     """
     order = np.argsort(-np.asarray(attention), kind="stable")
-    count = min(count, len(order))
+    count = max(1, min(count, len(order) // 2))
     return order[:count], order[::-1][:count]
 
 
@@ -292,9 +357,12 @@ def draw_bag_heatmap(
     axes[0, 0].imshow(pixels)
     axes[0, 0].set_title("source image", fontsize=9)
     axes[0, 1].imshow(
-        blend_heatmap(pixels, heatmap, cmap=HEATMAP_CMAP, alpha=0.6, vmin=low, vmax=high)
+        blend_heatmap(pixels, heatmap, cmap=HEATMAP_CMAP, alpha=0.5, vmin=low, vmax=high)
     )
-    axes[0, 1].set_title(f"{len(values)} instances", fontsize=9)
+    count = len(values)
+    axes[0, 1].set_title(
+        f"ABMIL attention, {count} instances (uniform weight {1 / count:.3g})", fontsize=9
+    )
     mappable = ScalarMappable(Normalize(low, high), matplotlib.colormaps[HEATMAP_CMAP])
     label = "attention weight" if scale == "raw" else "attention percentile in bag"
     figure.colorbar(mappable, ax=axes[0, 1], label=label, shrink=0.85)
@@ -346,8 +414,9 @@ def run_mil(
         run_dir: Output folder of ``cytofm-eval-mil``.
         bag_id: Bag to draw.
         out_dir: Output folder.
-        image: Source image of the bag; otherwise it is looked up under ``image_root``.
-        image_root: Folder searched by ``find_source_image``.
+        image: Source image of the bag.
+        image_root: Folder searched by ``find_source_image`` when ``image`` is not given.
+            With neither, ``locate_source_image`` follows the run's records.
         feature_set, head, seed: Select the run when the bag appears in several.
         scale: ``raw`` weights or ``percentile`` ranks for the heatmap colours.
         tiles: Number of highest and of lowest tiles on the ranking page.
@@ -355,15 +424,19 @@ def run_mil(
         dpi: Resolution of the PNGs.
 
     Raises:
-        ValueError: Neither ``image`` nor ``image_root`` is given.
         BagNotFoundError: The bag is not in the run.
-        ImageReadError: The source image cannot be read.
+        FileNotFoundError: The source image cannot be found.
+        ImageDecodeError: The source image cannot be read.
     """
-    if image is None and image_root is None:
-        raise ValueError("give the bag's source image with --image or a folder with --image-root")
     result = read_mil_bag(run_dir, bag_id, feature_set=feature_set, head=head, seed=seed)
-    image_path = Path(image) if image is not None else find_source_image(bag_id, image_root)
-    source = read_rgb(image_path)
+    if image is not None:
+        image_path = Path(image)
+    elif image_root is not None:
+        image_path = find_source_image(bag_id, image_root)
+    else:
+        image_path = locate_source_image(run_dir, result.fold_dir, bag_id)
+    logger.info("bag %r: %s, source image %s", bag_id, result.run_name, image_path)
+    source = load_rgb(image_path)
     _warn_outside(result.coords, source, image_path)
     display, coords = downscale_for_display(source, result.coords, max_size)
 
