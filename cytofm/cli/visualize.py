@@ -74,7 +74,8 @@ def build_parser() -> argparse.ArgumentParser:
         type=_optional_size,
         default=1024,
         help="scale images down so the longer side is at most this many pixels before the "
-        "model (default 1024; 0 keeps full size)",
+        "model (default 1024; 0 keeps full size). The last block's attention matrix grows "
+        "with the fourth power of this side",
     )
     attention.add_argument(
         "--fit",

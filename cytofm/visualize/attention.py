@@ -1,9 +1,10 @@
 """``attention`` figures: the last block's CLS-to-patch self-attention of a ViT, per head.
 
 For each image the figure shows, per head, the attention map upsampled and blended over the
-image, and below it the image with everything outside the smallest set of patches that holds
-a chosen share of the attention mass dimmed (the thresholding of DINO's attention figures,
-Caron et al. 2021).
+image, and below it the image with everything outside the smallest set of patches that
+contains a chosen share of the attention mass dimmed. ``visualize_attention.py`` of
+facebookresearch/dino thresholds the same way, also after renormalising the CLS row over the
+patches.
 """
 
 from __future__ import annotations
@@ -63,7 +64,7 @@ def cls_patch_attention(
         )
     patch_weights = attention[:, :, 0, num_prefix_tokens:]
     totals = patch_weights.sum(axis=-1, keepdims=True)
-    # A head that puts all its mass on prefix tokens has no patch map; spread it uniformly.
+    # A head that puts all its mass on prefix tokens has no patch map, so it becomes uniform.
     uniform = np.full_like(patch_weights, 1.0 / patch_weights.shape[-1])
     safe_totals = np.where(totals > 0, totals, 1.0)
     normalised = np.where(totals > 0, patch_weights / safe_totals, uniform)
@@ -75,8 +76,8 @@ def mass_threshold_mask(maps: np.ndarray, share: float) -> np.ndarray:
 
     For each map over the last two axes, cells are sorted by weight and the smallest prefix
     whose sum reaches ``share`` of the map's total is kept (ties at the cut are broken by
-    position). ``share=1`` keeps every cell with non-zero weight plus, for an all-zero map,
-    nothing.
+    position). ``share=1`` keeps every cell with non-zero weight, except trailing weights
+    that together are below 1e-12 of the total. An all-zero map keeps no cell.
 
     Args:
         maps: Non-negative weights ``[..., rows, cols]``.
@@ -172,8 +173,8 @@ def draw_attention_grid(
 ) -> Figure:
     """Draw one image's attention: the image and head mean, then two rows per row of heads.
 
-    The first column holds the image and the mean over heads; the other columns hold one
-    head each, the blended heatmap above the thresholded view. Each heatmap is scaled to its
+    The first column shows the image and the mean over heads. Each other column shows one
+    head, the blended heatmap above the thresholded view. Each heatmap is scaled to its
     own maximum, so colours compare places within a head, not across heads.
     """
     pixels = np.asarray(image)
@@ -219,7 +220,7 @@ def list_image_files(paths: Sequence[str | Path]) -> list[Path]:
     """Expand files and folders (their images, not recursive, sorted) into image paths.
 
     Raises:
-        FileNotFoundError: A path does not exist, or a folder holds no image files.
+        FileNotFoundError: A path does not exist, or a folder contains no image files.
     """
     files: list[Path] = []
     for path in map(Path, paths):

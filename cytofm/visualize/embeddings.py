@@ -116,9 +116,9 @@ def resolve_method(method: Method) -> Literal["tsne", "umap", "pca"]:
 def embed_2d(features: np.ndarray, *, method: Method = "auto", seed: int = 0) -> np.ndarray:
     """Project features ``[N, D]`` to 2-D; the same seed and input give the same map.
 
-    The features are centred and reduced by PCA to at most 50 dimensions first (the usual
-    preprocessing before t-SNE). t-SNE uses PCA initialisation and a perplexity of
-    ``min(30, (N - 1) / 3)``; UMAP uses ``min(15, N - 1)`` neighbours.
+    The features are centred and reduced by PCA to at most 50 dimensions first, as
+    scikit-learn's ``TSNE`` documentation recommends. t-SNE uses PCA initialisation and a
+    perplexity of ``min(30, (N - 1) / 3)``. UMAP uses ``min(15, N - 1)`` neighbours.
 
     Raises:
         ValueError: Fewer than 3 points.

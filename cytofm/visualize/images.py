@@ -1,9 +1,9 @@
 """Planning how an image of any size is fed to a ViT, and mapping results back onto it.
 
 A ViT takes inputs whose sides are multiples of its patch size. ``plan_model_input`` decides
-how an image of arbitrary size gets there (optional downscaling to ``max_size``, then a resize
-or a pad to a patch multiple) and records the geometry, so that a patch-grid map can be drawn
-back over the original image by ``upsample_to_image``.
+how an image of arbitrary size gets there: optional downscaling to ``max_size``, then a resize
+or a pad to a patch multiple. It records the geometry, so that ``upsample_to_image`` can draw
+a patch-grid map back over the original image.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
 
 @dataclass(frozen=True)
 class InputPlan:
-    """How one image maps onto the model input; all sizes are (height, width) in pixels.
+    """Geometry of one image on the model input; all sizes are (height, width) in pixels.
 
     Attributes:
         image_size: Size of the source image.
@@ -61,7 +61,7 @@ def plan_model_input(
         max_size: If set, images whose longer side exceeds it are first scaled down, keeping
             the aspect ratio, so that the longer side is ``max_size``.
         fit: ``resize`` scales the (possibly downscaled) image to the nearest multiple of the
-            patch size on each side (the aspect ratio changes by less than one patch);
+            patch size on each side, so the aspect ratio changes by less than one patch.
             ``pad`` keeps the pixels and pads the bottom and right up to the next multiple.
 
     Raises:
@@ -96,7 +96,7 @@ def prepare_input(
     plan: InputPlan,
     transform: Callable[[Image.Image], torch.Tensor],
 ) -> torch.Tensor:
-    """Resize, normalise and pad an image as ``plan`` says.
+    """Resize, normalise and pad an image to the model input described by ``plan``.
 
     Args:
         image: RGB source image of size ``plan.image_size``.

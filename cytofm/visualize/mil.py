@@ -1,8 +1,8 @@
 """``mil`` figures: ABMIL attention of one bag drawn over its source image.
 
-Two figures per bag: the attention weight of each tile or cell painted at its box over the
-source image (with a colour bar and the bag's label and prediction in the title), and a page
-of the highest- and lowest-attention tiles cropped from the image.
+Two figures per bag. The first paints the attention weight of each tile or cell at its box
+over the source image, with a colour bar and the bag's label and prediction in the title. The
+second is a page of the highest- and lowest-attention tiles cropped from the image.
 
 The run folder is read by ``read_mil_bag``, the only function that knows the layout written by
 ``cytofm-eval-mil``::
@@ -94,8 +94,8 @@ def read_mil_bag(
     """Find a bag among the test bags of an evaluation run and read its attention.
 
     A bag is a test bag in exactly one fold per (feature set, seed). If it is found in more
-    than one, the first fold folder in sorted order is used and the others are logged; pick
-    one with ``feature_set`` and ``seed``.
+    than one fold folder, the first in sorted order is used and the count is logged. Pick
+    another with ``feature_set`` and ``seed``.
 
     Raises:
         FileNotFoundError: ``run_dir`` is missing or holds no fold folders for ``head``.
@@ -200,7 +200,7 @@ def locate_source_image(run_dir: str | Path, fold_dir: Path, bag_id: str) -> Pat
 
     Raises:
         FileNotFoundError: A file on that chain is missing, the bag kind has no single source
-            image (``tile_folder``), or the image does not exist; the message says which.
+            image (``tile_folder``), or the image does not exist. The message names which.
     """
     run_dir = Path(run_dir)
     feature_set_name = fold_dir.relative_to(run_dir).parts[0]
@@ -285,8 +285,8 @@ def tile_heatmap(values: np.ndarray, coords: np.ndarray, image_size: tuple[int, 
 def scale_attention(attention: np.ndarray, scale: Scale) -> np.ndarray:
     """Return the weights themselves (``raw``) or their percentile rank in the bag, 0 to 100.
 
-    Percentile ranks spread the colours evenly over a bag whatever its size; raw weights keep
-    how peaked the attention is (a uniform bag of N instances has weights 1/N).
+    Percentile ranks spread the colours evenly over a bag whatever its size. Raw weights keep
+    how peaked the attention is, because a uniform bag of N instances has weights 1/N.
     """
     attention = np.asarray(attention, dtype=np.float64)
     if scale == "raw":
