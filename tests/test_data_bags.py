@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 from PIL import Image
-from test_data_tiling import PURPLE, FakeSlide
 
 from cytofm.data import wsi
 from cytofm.data.bags import BagConfig, build_bags, read_labels_csv
+from tests.test_data_tiling import PURPLE, FakeSlide
 
 
 def _stained_image(path, size=(64, 32)):
