@@ -168,11 +168,14 @@ def test_locate_source_image_class_folders_and_points(tmp_path):
     assert locate_source_image(run, fold_dir, "abnormal/a.png#3") == image
 
 
-def test_locate_source_image_tile_folder_needs_image(tmp_path):
+@pytest.mark.parametrize(
+    ("kind", "message"), [("tile_folder", "no single source image"), ("wsi", "whole-slide")]
+)
+def test_locate_source_image_needs_image(tmp_path, kind, message):
     run = make_run(tmp_path / "run")
-    write_run_records(run, tmp_path, {"kind": "tile_folder", "root": str(tmp_path)})
+    write_run_records(run, tmp_path, {"kind": kind, "root": str(tmp_path)})
     fold_dir = read_mil_bag(run, "slide_7").fold_dir
-    with pytest.raises(FileNotFoundError, match="no single source image"):
+    with pytest.raises(FileNotFoundError, match=message):
         locate_source_image(run, fold_dir, "slide_7")
 
 

@@ -219,7 +219,14 @@ def locate_source_image(run_dir: str | Path, fold_dir: Path, bag_id: str) -> Pat
 
     kind = bags.get("kind")
     root = _resolve(bags.get("root", "."), run_dir)
-    if kind in ("image_tiles", "wsi") and bags.get("labels_csv"):
+    if kind == "wsi":
+        # NOTE: slides are not drawn yet: it needs a thumbnail reader and boxes scaled from
+        # level-0 pixels to it.
+        raise FileNotFoundError(
+            f"bag {bag_id!r} comes from a whole-slide image, which mil cannot draw yet; pass "
+            "--image with a picture of the slide at level-0 resolution"
+        )
+    if kind == "image_tiles" and bags.get("labels_csv"):
         rows = read_labels_csv(_resolve(bags["labels_csv"], run_dir))
         paths = {row["bag_id"]: row["path"] or row["bag_id"] for row in rows}
         if bag_id not in paths:
