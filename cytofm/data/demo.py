@@ -7,8 +7,9 @@ a soft rim. Colours combine by adding optical densities (Beer-Lambert), so overl
 darken as in a real smear, and each field gets its own focus blur and sensor noise.
 
 An abnormal cell has an enlarged, darker, irregular nucleus with coarse chromatin. A bag
-(image) is ``positive`` when it holds at least one abnormal cell; positive images hold one to
-three abnormal cells among 12 to 30, a small share as in screening. Files written:
+(image) is ``positive`` when it contains at least one abnormal cell; a positive 256 px field has
+one to three abnormal cells among 12 to 30, a small share as in screening. The cell count
+scales with the image area. Files written:
 
 - ``images/<bag_id>.png``
 - ``labels.csv``: ``bag_id,label,path`` with labels ``negative``/``positive`` and ``path``
@@ -150,7 +151,8 @@ def sample_cells(generator: np.random.Generator, image_size: int, positive: bool
     """Draw the cells of one field; a positive field gets one to three abnormal cells."""
     scale = (image_size / 256.0) ** 2
     count = max(4, int(round(generator.integers(12, 31) * scale)))
-    num_abnormal = int(generator.integers(1, 4)) if positive else 0
+    # About one abnormal cell per ten cells at most: 1 to 3 in a 256 px field.
+    num_abnormal = int(generator.integers(1, max(1, count // 10) + 1)) if positive else 0
     abnormal_slots = set(generator.choice(count, size=min(num_abnormal, count), replace=False))
     margin = 18.0
     cells = []

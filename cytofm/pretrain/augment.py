@@ -1,12 +1,13 @@
 """Multi-crop augmentation for DINO/iBOT pretraining on cytology images.
 
-Each view goes through: random resized crop (cropping and resizing in one PIL call), a random
-horizontal flip and a random multiple of 90 degrees of rotation (cells have no preferred
-orientation), conversion to a float tensor once, then in torch on the small crop: stain jitter
-in haematoxylin-eosin-DAB space, colour jitter, grayscale, Gaussian blur, solarization and
-mean/std normalisation. The probabilities per view follow DINO and iBOT: blur always on the
-first global crop, with p=0.1 on the others and p=0.5 on local crops, and solarization with
-p=0.2 on the global crops after the first.
+The image is converted to a uint8 tensor once. Each view is cropped and resized with an
+antialiased ``F.interpolate`` of the uint8 region, which took a fifth to a third of the time
+of PIL's bicubic resize on one CPU core. Then come a random horizontal flip and a random
+multiple of 90 degrees of rotation, because cells have no preferred orientation. The crop is
+converted to float and goes through stain jitter in haematoxylin-eosin-DAB space, colour
+jitter, grayscale, Gaussian blur, solarization and mean/std normalisation. The probabilities
+per view follow DINO and iBOT: blur always on the first global crop, with p=0.1 on the others
+and p=0.5 on local crops, and solarization with p=0.2 on the global crops after the first.
 
 All randomness comes from Python's global ``random`` module. The data layer seeds ``random``,
 numpy and torch per sample, so the views are a pure function of that seed.
@@ -25,25 +26,16 @@ import torch.nn.functional as F
 import torchvision.transforms.v2.functional as TF
 from PIL import Image
 
-# Ruifrok & Johnston (2001), "Quantification of histochemical staining by color
-# deconvolution": optical-density vectors (R, G, B) of haematoxylin, eosin and DAB, one per row.
-# The same values as ``skimage.color.rgb_from_hed``.
-RGB_FROM_HED = torch.tensor(
-    [
-        [0.65, 0.70, 0.29],
-        [0.07, 0.99, 0.11],
-        [0.27, 0.57, 0.78],
-    ],
-    dtype=torch.float64,
-)
-HED_FROM_RGB = torch.linalg.inv(RGB_FROM_HED)
-
-_INTERPOLATION = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
-_ROTATIONS = (
-    None,
-    Image.Transpose.ROTATE_90,
-    Image.Transpose.ROTATE_180,
-    Image.Transpose.ROTATE_270,
+from cytofm.config import ConfigError
+from cytofm.pretrain.color import (
+    BRIGHTNESS,
+    CONTRAST,
+    HUE,
+    SATURATION,
+    apply_color_affine,
+    color_jitter_affine,
+    gaussian_blur,
+    stain_jitter,
 )
 
 
@@ -52,14 +44,14 @@ class MultiCropConfig:
     """Settings of the multi-crop augmentation. Defaults follow the iBOT ViT-B recipe.
 
     Attributes:
-        global_crops_number: Global crops per image; the teacher sees these.
+        global_crops_number: Global crops per image, the teacher's input.
         global_crop_size: Side of a global crop in pixels.
         global_crops_scale: Range of the crop area as a fraction of the image area.
         local_crops_number: Local crops per image (student only).
         local_crop_size: Side of a local crop in pixels.
         local_crops_scale: Area range of local crops.
         crop_aspect_ratio: Range of the crop's width/height before resizing, log-uniform.
-        interpolation: Resampling filter of the resize.
+        interpolation: Resampling filter of the resize (antialiased when shrinking).
         flip_p: Probability of a horizontal flip.
         rotate90: Rotate each view by a uniformly drawn multiple of 90 degrees.
         stain_p: Probability of the stain jitter in HED space.
@@ -115,12 +107,12 @@ class MultiCropConfig:
 
     def __post_init__(self) -> None:
         if self.global_crops_number < 1 or self.local_crops_number < 0:
-            raise ValueError(
+            raise ConfigError(
                 f"need global_crops_number >= 1 and local_crops_number >= 0, got "
                 f"{self.global_crops_number} and {self.local_crops_number}"
             )
         if self.global_crop_size < 1 or self.local_crop_size < 1:
-            raise ValueError("crop sizes must be positive")
+            raise ConfigError("crop sizes must be positive")
         for name in (
             "global_crops_scale",
             "local_crops_scale",
@@ -131,21 +123,21 @@ class MultiCropConfig:
         ):
             low, high = getattr(self, name)
             if low > high:
-                raise ValueError(f"{name} must be (low, high) with low <= high, got {(low, high)}")
+                raise ConfigError(f"{name} must be (low, high) with low <= high, got {(low, high)}")
         for name in ("global_crops_scale", "local_crops_scale"):
             low, high = getattr(self, name)
             if not 0.0 < low <= high <= 1.0:
-                raise ValueError(f"{name} must lie in (0, 1], got {(low, high)}")
+                raise ConfigError(f"{name} must lie in (0, 1], got {(low, high)}")
         probabilities = [name for name in vars(self) if name.endswith("_p") or "_p_" in name]
         for name in probabilities:
             if not 0.0 <= getattr(self, name) <= 1.0:
-                raise ValueError(
+                raise ConfigError(
                     f"{name} must be a probability in [0, 1], got {getattr(self, name)}"
                 )
         if not 0.0 <= self.hue <= 0.5:
-            raise ValueError(f"hue must be in [0, 0.5], got {self.hue}")
+            raise ConfigError(f"hue must be in [0, 0.5], got {self.hue}")
         if min(self.std) <= 0:
-            raise ValueError(f"std must be positive, got {self.std}")
+            raise ConfigError(f"std must be positive, got {self.std}")
 
 
 @dataclass(frozen=True)
@@ -204,20 +196,22 @@ class MultiCropAugmentation:
         """Return the global crops, then the local crops, of ``img``."""
         if img.mode != "RGB":
             img = img.convert("RGB")
-        return [self._augment_view(img, view) for view in self._views]
+        # [3, H, W] uint8 with channels-last strides, which F.interpolate's uint8 path expects.
+        pixels = torch.from_numpy(np.array(img, dtype=np.uint8)).permute(2, 0, 1)
+        return [self._augment_view(pixels, view) for view in self._views]
 
-    def _augment_view(self, img: Image.Image, view: _ViewSettings) -> torch.Tensor:
+    def _augment_view(self, pixels: torch.Tensor, view: _ViewSettings) -> torch.Tensor:
         config = self.config
-        crop = self._resized_crop(img, view)
+        crop = self._resized_crop(pixels, view)
         if random.random() < config.flip_p:
-            crop = crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+            crop = crop.flip(-1)
         if config.rotate90:
-            rotation = _ROTATIONS[random.randrange(4)]
-            if rotation is not None:
-                crop = crop.transpose(rotation)
+            quarter_turns = random.randrange(4)
+            if quarter_turns:
+                crop = torch.rot90(crop, quarter_turns, dims=(1, 2))
 
-        # [3, S, S] float32 in [0, 1]; the only conversion from PIL.
-        x = torch.from_numpy(np.array(crop, dtype=np.uint8)).permute(2, 0, 1).float().div_(255)
+        # [3, S, S] float32 in [0, 1].
+        x = crop.float().div_(255)
 
         if random.random() < config.stain_p:
             scale = [random.uniform(*config.stain_scale) for _ in range(3)]
@@ -234,34 +228,36 @@ class MultiCropAugmentation:
 
         return (x - self._mean) / self._std
 
-    def _resized_crop(self, img: Image.Image, view: _ViewSettings) -> Image.Image:
-        left, top, width, height = random_resized_crop_box(
-            img.width, img.height, view.scale, self.config.crop_aspect_ratio
+    def _resized_crop(self, pixels: torch.Tensor, view: _ViewSettings) -> torch.Tensor:
+        height, width = pixels.shape[1:]
+        left, top, crop_width, crop_height = random_resized_crop_box(
+            width, height, view.scale, self.config.crop_aspect_ratio
         )
-        # Cropping through ``box`` resamples only the cropped region, with antialiasing.
-        return img.resize(
-            (view.size, view.size),
-            _INTERPOLATION[self.config.interpolation],
-            box=(left, top, left + width, top + height),
+        # [1, 3, h, w] uint8 -> [3, S, S] uint8; antialias matters when shrinking.
+        region = pixels[None, :, top : top + crop_height, left : left + crop_width]
+        resized = F.interpolate(
+            region, size=(view.size, view.size), mode=self.config.interpolation, antialias=True
         )
+        return resized[0]
 
     def _color_jitter(self, x: torch.Tensor) -> torch.Tensor:
         config = self.config
-        operations = [0, 1, 2, 3]
+        operations = []
+        if config.brightness > 0:
+            low, high = max(0.0, 1 - config.brightness), 1 + config.brightness
+            operations.append((BRIGHTNESS, random.uniform(low, high)))
+        if config.contrast > 0:
+            low, high = max(0.0, 1 - config.contrast), 1 + config.contrast
+            operations.append((CONTRAST, random.uniform(low, high)))
+        if config.saturation > 0:
+            low, high = max(0.0, 1 - config.saturation), 1 + config.saturation
+            operations.append((SATURATION, random.uniform(low, high)))
+        if config.hue > 0:
+            operations.append((HUE, random.uniform(-config.hue, config.hue)))
+        # Random order, as torchvision's ColorJitter.
         random.shuffle(operations)
-        for operation in operations:
-            if operation == 0 and config.brightness > 0:
-                factor = random.uniform(max(0.0, 1 - config.brightness), 1 + config.brightness)
-                x = TF.adjust_brightness(x, factor)
-            elif operation == 1 and config.contrast > 0:
-                factor = random.uniform(max(0.0, 1 - config.contrast), 1 + config.contrast)
-                x = TF.adjust_contrast(x, factor)
-            elif operation == 2 and config.saturation > 0:
-                factor = random.uniform(max(0.0, 1 - config.saturation), 1 + config.saturation)
-                x = TF.adjust_saturation(x, factor)
-            elif operation == 3 and config.hue > 0:
-                x = TF.adjust_hue(x, random.uniform(-config.hue, config.hue))
-        return x
+        matrix, offset = color_jitter_affine(operations, x.mean(dim=(1, 2)))
+        return apply_color_affine(x, matrix, offset)
 
 
 def random_resized_crop_box(
@@ -296,77 +292,3 @@ def random_resized_crop_box(
     else:
         crop_width, crop_height = width, height
     return (width - crop_width) // 2, (height - crop_height) // 2, crop_width, crop_height
-
-
-def rgb_to_optical_density(rgb: torch.Tensor) -> torch.Tensor:
-    """Convert RGB in [0, 1] to natural-log optical density, ``-ln((255 * rgb + 1) / 256)``.
-
-    The +1 keeps black pixels finite (optical density at most ln 256).
-    """
-    return -torch.log((rgb * 255.0 + 1.0) / 256.0)
-
-
-def optical_density_to_rgb(optical_density: torch.Tensor) -> torch.Tensor:
-    """Invert ``rgb_to_optical_density`` and clamp to [0, 1]."""
-    return ((torch.exp(-optical_density) * 256.0 - 1.0) / 255.0).clamp(0.0, 1.0)
-
-
-def rgb_to_hed(rgb: torch.Tensor) -> torch.Tensor:
-    """Colour-deconvolve ``[3, H, W]`` RGB in [0, 1] into HED stain concentrations.
-
-    Concentrations are in natural-log optical-density units and can be negative, because
-    unlike scikit-image they are not clipped, which keeps ``hed_to_rgb`` an exact inverse.
-    """
-    optical_density = rgb_to_optical_density(rgb)
-    matrix = HED_FROM_RGB.to(rgb.dtype).T
-    return torch.einsum("kc,chw->khw", matrix, optical_density)
-
-
-def hed_to_rgb(hed: torch.Tensor) -> torch.Tensor:
-    """Recompose ``[3, H, W]`` HED concentrations into RGB in [0, 1]."""
-    matrix = RGB_FROM_HED.to(hed.dtype).T
-    return optical_density_to_rgb(torch.einsum("ck,khw->chw", matrix, hed))
-
-
-def stain_jitter(
-    rgb: torch.Tensor,
-    scale: list[float] | tuple[float, ...],
-    shift: list[float] | tuple[float, ...],
-) -> torch.Tensor:
-    """Scale and shift each HED stain concentration of a ``[3, H, W]`` RGB image in [0, 1].
-
-    Computes ``hed_to_rgb(rgb_to_hed(rgb) * scale + shift)``. The three linear steps are folded
-    into one 3x3 matrix and an offset on the optical density, so the image is touched by one
-    matrix product.
-    """
-    scale_matrix = torch.diag(torch.tensor(scale, dtype=torch.float64))
-    shift_vector = torch.tensor(shift, dtype=torch.float64)
-    # od' = R^T diag(scale) R^-T od + R^T shift, where the rows of R are the stain vectors.
-    matrix = (RGB_FROM_HED.T @ scale_matrix @ HED_FROM_RGB.T).to(rgb.dtype)
-    offset = (RGB_FROM_HED.T @ shift_vector).to(rgb.dtype).view(3, 1, 1)
-    optical_density = rgb_to_optical_density(rgb)
-    jittered = torch.einsum("ck,khw->chw", matrix, optical_density) + offset
-    return optical_density_to_rgb(jittered)
-
-
-def gaussian_blur(x: torch.Tensor, sigma: float) -> torch.Tensor:
-    """Blur a ``[C, H, W]`` image with a separable Gaussian of standard deviation ``sigma``.
-
-    The kernel reaches ``ceil(3 * sigma)`` pixels each side (fewer on very small images), with
-    reflect padding at the borders.
-    """
-    channels, height, width = x.shape
-    radius = min(max(1, math.ceil(3.0 * sigma)), height - 1, width - 1)
-    if radius < 1:
-        return x
-    offsets = torch.arange(-radius, radius + 1, dtype=x.dtype)
-    kernel = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    kernel = kernel / kernel.sum()
-
-    # [1, C, H, W]; two depthwise 1-d convolutions.
-    batch = F.pad(x.unsqueeze(0), (radius, radius, radius, radius), mode="reflect")
-    horizontal = kernel.view(1, 1, 1, -1).expand(channels, 1, 1, -1)
-    vertical = kernel.view(1, 1, -1, 1).expand(channels, 1, -1, 1)
-    batch = F.conv2d(batch, horizontal, groups=channels)
-    batch = F.conv2d(batch, vertical, groups=channels)
-    return batch.squeeze(0)

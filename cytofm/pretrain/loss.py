@@ -1,7 +1,6 @@
 """iBOT loss: self-distillation on CLS tokens plus masked image modelling on patch tokens.
 
-Formula (Zhou et al., "iBOT: Image BERT Pre-Training with Online Tokenizer", ICLR 2022), checked
-against ``iBOTLoss`` in ``main_ibot.py`` of bytedance/ibot:
+The formula follows ``iBOTLoss`` in ``main_ibot.py`` of bytedance/ibot:
 
 - CLS term: for every global view ``q`` of the teacher and every student view ``v != q``, the
   cross-entropy ``-sum_k p_t(q)_k log p_s(v)_k`` averaged over the batch. Here
@@ -17,10 +16,12 @@ Where this module differs from bytedance/ibot:
 
 - Patch logits come only at masked positions, as ``[M, K']`` with an image index per row,
   instead of ``[B, N, K']`` for every token with a mask multiplied in. The sums are the same.
-- The patch centre is the mean of the teacher's patch logits at masked positions, where iBOT
-  averages over all patch tokens of the global crops. Both estimate the mean teacher output
-  per token. Across ranks the mean is weighted by each rank's token count, and a step without
-  masked tokens anywhere leaves the patch centre unchanged.
+  lightly's ``IBOTPatchLoss`` (``lightly/loss/ibot_loss.py``) takes the same masked-only input
+  and weights each token by one over its image's masked count, as here.
+- The patch centre is the mean of the teacher's patch logits at masked positions, as in
+  lightly, where iBOT averages over all patch tokens of the global crops. Both estimate the
+  mean teacher output per token. Across ranks the mean is weighted by each rank's token count,
+  and a step without masked tokens anywhere leaves the patch centre unchanged.
 - The centre is updated by a separate ``update_center`` call, not inside ``forward``.
 - The CLS sum over pairs is computed as (sum over teacher views) x (sum over student views)
   minus the same-view terms. That is algebraically equal to iBOT's double loop and avoids

@@ -5,9 +5,10 @@ value ``uniform(r - v, r + v)`` per entry of ``ratios``/``ratio_variations``, th
 values at random. iBOT ViT-B uses ratios ``[0, 0.3]`` with variations ``[0, 0.2]``, so about
 half of the images are not masked and the other half mask 10-50% of their patches.
 
-Block mode follows iBOT's loop (taken from BEiT's ``MaskingGenerator``): place rectangles of
-random area in ``[min_patches_per_block, remaining]`` and log-uniform aspect ratio, and accept
-one only when it adds at least one new patch and no more than the number still to be masked.
+Block mode follows iBOT's loop, which iBOT took from BEiT's ``MaskingGenerator``. It places
+rectangles of random area in ``[min_patches_per_block, remaining]`` and log-uniform aspect
+ratio. A rectangle is accepted only when it adds at least one new patch and no more than the
+number still to be masked.
 Up to 10 tries are made per rectangle, and the loop stops once the target is reached or when
 10 tries in a row add nothing. iBOT's default minimum area is ``(min(h, w) // 3) ** 2``. The
 loop never overshoots, but it can stop short of the target. iBOT keeps such a mask as it is,
@@ -19,11 +20,14 @@ Random mode masks ``int(ratio * h * w)`` patches chosen uniformly, as iBOT's ``r
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Literal, NamedTuple
 
 import numpy as np
 import torch
+
+from cytofm.config import ConfigError
 
 _TRIES_PER_BLOCK = 10
 
@@ -56,24 +60,24 @@ class MaskingConfig:
 
     def __post_init__(self) -> None:
         if not self.ratios or len(self.ratios) != len(self.ratio_variations):
-            raise ValueError(
+            raise ConfigError(
                 f"masking ratios {self.ratios} and ratio_variations {self.ratio_variations} must "
                 "be non-empty lists of equal length"
             )
         for ratio, variation in zip(self.ratios, self.ratio_variations):
             if not 0.0 <= variation <= ratio or ratio + variation > 1.0:
-                raise ValueError(
+                raise ConfigError(
                     f"masking ratio {ratio} with variation {variation} must satisfy "
                     "0 <= variation <= ratio and ratio + variation <= 1"
                 )
         low, high = self.aspect_ratio
         if not 0.0 < low <= high:
-            raise ValueError(
+            raise ConfigError(
                 f"masking aspect_ratio must be (low, high) with 0 < low <= high, "
                 f"got {self.aspect_ratio}"
             )
         if self.min_patches_per_block is not None and self.min_patches_per_block < 1:
-            raise ValueError(
+            raise ConfigError(
                 f"min_patches_per_block must be at least 1 or null, got "
                 f"{self.min_patches_per_block}"
             )
@@ -124,17 +128,19 @@ def generate_masks(
             torch.zeros(batch_size, dtype=torch.float32),
         )
 
-    # One 63-bit draw from the torch generator seeds a numpy generator, which is much faster
-    # than torch for the many scalar draws of the block loop.
+    # One 63-bit draw from the torch generator seeds a numpy generator for the array draws and
+    # a private random.Random for the many scalar draws of the block loop, where it is much
+    # faster than numpy or torch. The global ``random`` state is not touched.
     seed = int(torch.randint(0, 2**63 - 1, (1,), generator=generator).item())
     rng = np.random.default_rng(seed)
+    block_rng = random.Random(seed)
 
     ratios = _draw_ratios(batch_size, config, rng)
     masks = np.zeros((batch_size, grid_h, grid_w), dtype=bool)
     for index, ratio in enumerate(ratios):
         if config.mode == "block":
             target = ratio * num_patches
-            _place_blocks(masks[index], target, config, rng)
+            _place_blocks(masks[index], target, config, block_rng)
             if config.fill_to_target:
                 _fill_randomly(masks[index], int(round(target)), rng)
         else:
@@ -173,7 +179,7 @@ def _draw_ratios(batch_size: int, config: MaskingConfig, rng: np.random.Generato
 
 
 def _place_blocks(
-    mask: np.ndarray, target: float, config: MaskingConfig, rng: np.random.Generator
+    mask: np.ndarray, target: float, config: MaskingConfig, rng: random.Random
 ) -> None:
     grid_h, grid_w = mask.shape
     min_area = config.min_patches_per_block
@@ -194,10 +200,10 @@ def _place_blocks(
             # iBOT requires the block to be strictly smaller than the grid in both directions.
             if not (height < grid_h and width < grid_w):
                 continue
-            top = int(rng.integers(0, grid_h - height + 1))
-            left = int(rng.integers(0, grid_w - width + 1))
+            top = rng.randint(0, grid_h - height)
+            left = rng.randint(0, grid_w - width)
             window = mask[top : top + height, left : left + width]
-            new = height * width - int(window.sum())
+            new = height * width - int(np.count_nonzero(window))
             if 0 < new <= remaining:
                 window[...] = True
                 added = new

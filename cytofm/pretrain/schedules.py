@@ -1,8 +1,8 @@
 """Per-step schedules for learning rate, weight decay, teacher momentum and temperature.
 
 Every schedule is a pure function of the global optimizer step, so a resumed run only needs
-the step counter and never stores precomputed arrays (DINO and iBOT build numpy arrays of one
-value per step at start-up and index into them).
+the step counter. DINO and iBOT instead build numpy arrays of one value per step at start-up
+and index into them.
 """
 
 from __future__ import annotations
@@ -54,7 +54,8 @@ def cosine_schedule(
         # The last step is exactly ``final``, also when the warmup fills the whole run.
         return final
     progress = (step - warmup_steps) / decay_steps
-    return final + 0.5 * (base - final) * (1.0 + math.cos(math.pi * progress))
+    # Written so that progress 0 gives exactly ``base``.
+    return base + (final - base) * 0.5 * (1.0 - math.cos(math.pi * progress))
 
 
 def linear_warmup_then_constant(step: int, warmup_steps: int, start: float, end: float) -> float:

@@ -1,0 +1,324 @@
+"""Feature extraction: run an extractor over the tiles of every bag and store the features.
+
+Worker processes decode and transform tiles and pack them into batches that may span bag
+boundaries, so the model always sees full batches except at the end of a worker's share.
+The main process runs the model and writes each bag's file as soon as its last tile is
+embedded. Bags whose file already exists are skipped, so an interrupted run resumes.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from cytofm.config import to_dict
+from cytofm.data.bags import BagConfig, build_bags
+from cytofm.data.decode import ImageDecodeError
+from cytofm.evaluation.extractors import (
+    BackboneConfig,
+    Extractor,
+    Precision,
+    build_extractor,
+    default_feature_set_name,
+)
+from cytofm.evaluation.feature_store import (
+    FEATURE_FORMAT,
+    FEATURE_FORMAT_VERSION,
+    IndexRow,
+    load_bag_features,
+    read_meta,
+    safe_file_name,
+    save_bag_features,
+    write_index,
+    write_meta,
+)
+
+logger = logging.getLogger(__name__)
+
+
+class Bag(Protocol):
+    """What extraction needs of a bag (``cytofm.data.bags.BagSpec`` satisfies it)."""
+
+    bag_id: str
+    label: str | None
+    group: str | None
+    split: str | None
+
+    def iter_instances(self) -> Iterator[tuple[Any, tuple[int, int, int, int]]]: ...
+
+
+@dataclass
+class ExtractConfig:
+    """Config of ``cytofm-extract``.
+
+    Attributes:
+        bags: where the bags come from and how they are tiled.
+        backbone: the model or descriptor that embeds the tiles.
+        out: root folder; features go to ``out/<name>/``.
+        name: feature set name; None derives it from the backbone (file stem, ``random-…``,
+            ``handcrafted``).
+        batch_size: tiles per forward pass; it does not change the features.
+        num_workers: processes that decode and transform tiles (0 runs them in the main
+            process).
+        device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        precision: autocast on CUDA: ``auto`` (bf16 where supported, else fp16), ``bf16``,
+            ``fp16`` or ``fp32``. CPU always runs in fp32.
+        patch_tokens: also store every tile's patch tokens ``[N, h*w, D]`` (large: ``h*w``
+            times the size of the embeddings).
+        overwrite: extract every bag again, even when its file exists.
+    """
+
+    bags: BagConfig = field(default_factory=BagConfig)
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    out: Path = Path("outputs/features")
+    name: str | None = None
+    batch_size: int = 64
+    num_workers: int = 4
+    device: str = "auto"
+    precision: Precision = "auto"
+    patch_tokens: bool = False
+    overwrite: bool = False
+
+
+class _TileBatches(IterableDataset):
+    """Transformed tiles of a list of bags, packed into batches by each worker.
+
+    Yields dicts with ``images [b, 3, H, W]`` (or None), ``positions [b]`` (bag position of
+    each tile), ``coords [b, 4]`` and ``finished``: ``(position, tile count)`` of the bags
+    whose last tile is in this batch or an earlier one. Worker ``w`` of ``n`` takes the bags
+    ``w::n``; tiles of one bag stay in order.
+    """
+
+    def __init__(self, bags: Sequence[Bag], todo: list[int], transform: Any, batch_size: int):
+        self.bags = bags
+        self.todo = todo
+        self.transform = transform
+        self.batch_size = batch_size
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        worker = get_worker_info()
+        mine = self.todo if worker is None else self.todo[worker.id :: worker.num_workers]
+        images: list[Tensor] = []
+        positions: list[int] = []
+        boxes: list[tuple[int, int, int, int]] = []
+        finished: list[tuple[int, int]] = []
+
+        def flush() -> dict[str, Any]:
+            batch = {
+                "images": torch.stack(images) if images else None,
+                "positions": torch.tensor(positions, dtype=torch.long),
+                "coords": torch.tensor(boxes, dtype=torch.long).reshape(-1, 4),
+                "finished": list(finished),
+            }
+            for pending in (images, positions, boxes, finished):
+                pending.clear()
+            return batch
+
+        for position in mine:
+            bag = self.bags[position]
+            count = 0
+            try:
+                for image, box in bag.iter_instances():
+                    tensor = self.transform(image)
+                    if images and tensor.shape != images[0].shape:
+                        yield flush()  # tiles of another size start a new batch
+                    images.append(tensor)
+                    positions.append(position)
+                    boxes.append(tuple(int(value) for value in box))
+                    count += 1
+                    if len(images) == self.batch_size:
+                        yield flush()
+            except (OSError, ValueError, ImageDecodeError) as error:
+                raise RuntimeError(f"reading bag {bag.bag_id!r} failed: {error}") from error
+            finished.append((position, count))
+        if images or finished:
+            yield flush()
+
+
+@dataclass
+class _BagBuffer:
+    embeddings: list[Tensor] = field(default_factory=list)
+    coords: list[Tensor] = field(default_factory=list)
+    tokens: list[Tensor] = field(default_factory=list)
+    grids: set[tuple[int, int]] = field(default_factory=set)
+
+
+def _write_bag(bag: Bag, buffer: _BagBuffer, path: Path) -> int:
+    if not buffer.embeddings:
+        raise ValueError(
+            f"bag {bag.bag_id!r} has no instances (every tile was background or the image is "
+            "smaller than a tile); lower bags.background_threshold or remove the bag"
+        )
+    features = torch.cat(buffer.embeddings)
+    if not bool(torch.isfinite(features).all()):
+        bad = int((~torch.isfinite(features)).any(dim=1).sum())
+        raise FloatingPointError(
+            f"bag {bag.bag_id!r}: {bad} of {len(features)} tiles have non-finite features; "
+            "check the checkpoint, or use precision=fp32"
+        )
+    tokens = None
+    extra: dict[str, Tensor] = {}
+    if buffer.tokens:
+        if len(buffer.grids) != 1:
+            raise ValueError(
+                f"bag {bag.bag_id!r}: patch tokens need tiles of one size, got patch grids "
+                f"{sorted(buffer.grids)}; set backbone.resize=true"
+            )
+        tokens = torch.cat(buffer.tokens)
+        if not bool(torch.isfinite(tokens).all()):
+            raise FloatingPointError(f"bag {bag.bag_id!r}: non-finite patch tokens")
+        extra["patch_grid"] = torch.tensor(buffer.grids.pop(), dtype=torch.long)
+    save_bag_features(path, features, torch.cat(buffer.coords), tokens, extra=extra)
+    return len(features)
+
+
+def _check_meta(folder: Path, meta: dict[str, Any], overwrite: bool) -> None:
+    path = folder / "meta.json"
+    if overwrite or not path.is_file():
+        return
+    previous = read_meta(path)
+    keys = ("backbone", "bags", "patch_tokens", "precision")
+    if any(previous.get(key) != meta.get(key) for key in keys):
+        raise ValueError(
+            f"{folder} holds features of another configuration (compare {path}); choose "
+            "another name= or out=, or pass overwrite=true to extract again"
+        )
+
+
+def extract_bags(
+    bags: Sequence[Bag],
+    extractor: Extractor,
+    folder: str | Path,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 0,
+    overwrite: bool = False,
+    meta: dict[str, Any] | None = None,
+) -> list[IndexRow]:
+    """Extract features of ``bags`` into the feature set ``folder``.
+
+    Writes one file per bag, then ``index.csv`` in the order of ``bags`` and ``meta.json``.
+    Bags whose file exists are skipped unless ``overwrite``.
+
+    Raises:
+        ValueError: a bag without instances, or a folder holding another configuration.
+        FloatingPointError: non-finite features, naming the bag.
+        RuntimeError: a tile could not be read, naming the bag.
+    """
+    folder = Path(folder)
+    feature_dir = folder / "features"
+    ids = [bag.bag_id for bag in bags]
+    if len(set(ids)) != len(ids):
+        raise ValueError("bag ids are not unique")
+    files = [safe_file_name(bag_id) for bag_id in ids]
+    meta = {
+        "format": FEATURE_FORMAT,
+        "version": FEATURE_FORMAT_VERSION,
+        "embed_dim": extractor.embed_dim,
+        "extractor": extractor.description,
+        **(meta or {}),
+    }
+    _check_meta(folder, meta, overwrite)
+    write_meta(meta, folder / "meta.json")
+
+    todo = [i for i, file in enumerate(files) if overwrite or not (feature_dir / file).is_file()]
+    counts: dict[int, int] = {}
+    if len(todo) < len(bags):
+        logger.info(
+            "%d of %d bags already extracted in %s", len(bags) - len(todo), len(bags), folder
+        )
+    if todo:
+        counts.update(_run(bags, todo, files, extractor, feature_dir, batch_size, num_workers))
+    for position in set(range(len(bags))) - set(todo):
+        record = load_bag_features(feature_dir / files[position], mmap=True)
+        counts[position] = int(record["features"].shape[0])
+
+    rows = [
+        IndexRow(bag.bag_id, bag.label, bag.group, bag.split, counts[i], files[i])
+        for i, bag in enumerate(bags)
+    ]
+    write_index(rows, folder / "index.csv")
+    logger.info("%d bags, %d instances in %s", len(rows), sum(counts.values()), folder)
+    return rows
+
+
+def _run(
+    bags: Sequence[Bag],
+    todo: list[int],
+    files: list[str],
+    extractor: Extractor,
+    feature_dir: Path,
+    batch_size: int,
+    num_workers: int,
+) -> dict[int, int]:
+    dataset = _TileBatches(bags, todo, extractor.transform, batch_size)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=num_workers,
+        pin_memory=extractor.device.type == "cuda",
+        persistent_workers=False,
+    )
+    buffers: dict[int, _BagBuffer] = {}
+    counts: dict[int, int] = {}
+    progress = tqdm(total=len(todo), desc="bags", unit="bag", disable=None)
+    for batch in loader:
+        if batch["images"] is not None:
+            embeddings, tokens = extractor(batch["images"])
+            embeddings, tokens = embeddings.cpu(), None if tokens is None else tokens.cpu()
+            grid = extractor.patch_grid(batch["images"]) if tokens is not None else None
+            for row, position in enumerate(batch["positions"].tolist()):
+                buffer = buffers.setdefault(position, _BagBuffer())
+                buffer.embeddings.append(embeddings[row : row + 1])
+                buffer.coords.append(batch["coords"][row : row + 1])
+                if tokens is not None:
+                    buffer.tokens.append(tokens[row : row + 1])
+                    buffer.grids.add(grid)
+        for position, count in batch["finished"]:
+            buffer = buffers.pop(position, _BagBuffer())
+            counts[position] = _write_bag(bags[position], buffer, feature_dir / files[position])
+            if counts[position] != count:
+                raise RuntimeError(f"bag {bags[position].bag_id!r}: lost tiles during extraction")
+            progress.update(1)
+    progress.close()
+    return counts
+
+
+def extract_features(config: ExtractConfig) -> Path:
+    """Build the bags and the extractor of ``config`` and extract; returns the feature folder."""
+    from cytofm.evaluation.cross_validation import resolve_device
+
+    device = resolve_device(config.device)
+    extractor = build_extractor(
+        config.backbone, device=device, precision=config.precision, patch_tokens=config.patch_tokens
+    )
+    name = config.name or default_feature_set_name(config.backbone)
+    folder = Path(config.out) / name
+    bags = build_bags(config.bags)
+    meta = {
+        "name": name,
+        "backbone": to_dict(config.backbone),
+        "bags": to_dict(config.bags),
+        "patch_tokens": config.patch_tokens,
+        "precision": config.precision,
+        "extraction": {"batch_size": config.batch_size, "num_workers": config.num_workers},
+    }
+    logger.info("extracting %d bags with %s into %s", len(bags), name, folder)
+    extract_bags(
+        bags,
+        extractor,
+        folder,
+        batch_size=config.batch_size,
+        num_workers=config.num_workers,
+        overwrite=config.overwrite,
+        meta=meta,
+    )
+    return folder

@@ -1,0 +1,240 @@
+"""Tests of splits, metrics and cross-validation on synthetic feature sets."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+import torch
+from sklearn.metrics import roc_auc_score
+
+from cytofm.cli.eval_mil import main as eval_mil_main
+from cytofm.config import load_config
+from cytofm.evaluation.config import EvalConfig
+from cytofm.evaluation.cross_validation import run_cross_validation
+from cytofm.evaluation.feature_store import read_index, safe_file_name, save_bag_features
+from cytofm.evaluation.metrics import auroc, classification_metrics, summarize
+from cytofm.evaluation.splits import cross_validation_folds, train_validation_split
+from cytofm.evaluation.synthetic import planted_signal_bags, write_feature_set
+
+FAST = [
+    "folds=3",
+    "model.hidden_dim=32",
+    "model.attention_dim=16",
+    "model.dropout=0.0",
+    "train.lr=0.01",
+    "train.epochs=30",
+    "train.patience=10",
+    "train.batch_size=8",
+    "device=cpu",
+]
+
+
+def _config(tmp_path, folders, extra=()):
+    overrides = [f"out={tmp_path / 'out'}"] + FAST + list(extra)
+    sets = [{"name": name, "path": str(path)} for name, path in folders.items()]
+    config = load_config(EvalConfig, None, overrides)
+    config.feature_sets = load_config(EvalConfig, None, [f"feature_sets={sets}"]).feature_sets
+    return config
+
+
+def test_folds_never_share_group():
+    rng = np.random.default_rng(0)
+    groups = np.array([f"p{i}" for i in rng.integers(0, 30, size=120)])
+    labels = rng.integers(0, 2, size=120)
+    folds = cross_validation_folds(labels, groups, 5, seed=3)
+    tested = np.concatenate([test for _, test in folds])
+    assert sorted(tested.tolist()) == list(range(120))
+    for train, test in folds:
+        assert not set(groups[train]) & set(groups[test])
+        inner, validation = train_validation_split(train, labels, groups, 0.2, seed=1)
+        assert not set(groups[inner]) & set(groups[validation])
+        assert sorted(np.concatenate([inner, validation]).tolist()) == sorted(train.tolist())
+
+
+def test_folds_stratified_and_seeded():
+    labels = np.array([0] * 40 + [1] * 10)
+    folds = cross_validation_folds(labels, None, 5, seed=7)
+    for _, test in folds:
+        assert np.bincount(labels[test]).tolist() == [8, 2]
+    again = cross_validation_folds(labels, None, 5, seed=7)
+    other = cross_validation_folds(labels, None, 5, seed=8)
+    assert all(np.array_equal(a[1], b[1]) for a, b in zip(folds, again))
+    assert not all(np.array_equal(a[1], b[1]) for a, b in zip(folds, other))
+
+
+def test_too_few_bags_per_class_raises():
+    with pytest.raises(ValueError, match="class 1 has 2 bag"):
+        cross_validation_folds(np.array([0] * 10 + [1] * 2), None, 3, seed=0)
+    with pytest.raises(ValueError, match="only 2 groups"):
+        cross_validation_folds(np.array([0, 1] * 4), np.array(["a", "b"] * 4), 3, seed=0)
+
+
+def test_metrics_match_independent_values():
+    y = np.array([0, 0, 1, 1, 2, 2])
+    probs = np.array(
+        [
+            [0.8, 0.1, 0.1],
+            [0.3, 0.6, 0.1],
+            [0.2, 0.7, 0.1],
+            [0.1, 0.2, 0.7],
+            [0.1, 0.1, 0.8],
+            [0.2, 0.2, 0.6],
+        ]
+    )
+    metrics = classification_metrics(y, probs)
+    # Predictions 0,1,1,2,2,2: per-class recall 1/2, 1/2, 1.
+    assert metrics["balanced_accuracy"] == pytest.approx((0.5 + 0.5 + 1.0) / 3)
+    assert metrics["accuracy"] == pytest.approx(4 / 6)
+    one_vs_rest = [roc_auc_score(y == c, probs[:, c]) for c in range(3)]
+    assert metrics["auroc"] == pytest.approx(np.mean(one_vs_rest))
+    assert auroc(np.array([0, 0]), np.array([[0.4, 0.6], [0.9, 0.1]])) != auroc(
+        np.array([0, 0]), np.array([[0.4, 0.6], [0.9, 0.1]])
+    )  # NaN when a class is missing
+    mean, std, count = summarize([0.5, 0.7, float("nan")])
+    assert (mean, count) == (pytest.approx(0.6), 2)
+    assert std == pytest.approx(np.std([0.5, 0.7], ddof=1))
+
+
+def test_planted_signal_found_by_attention(tmp_path):
+    data = planted_signal_bags(60, marker=6.0, seed=1)
+    folder = write_feature_set(tmp_path / "planted", data)
+    config = _config(tmp_path, {"planted": folder})
+    result = run_cross_validation(config, tmp_path / "out")
+    aurocs = [fold.metrics["auroc"] for fold in result.rows[0].folds]
+    assert min(aurocs) > 0.95
+
+    hits, positives = 0, 0
+    for fold in range(3):
+        attention = torch.load(
+            tmp_path / "out" / "planted" / "abmil" / "seed0" / f"fold{fold}" / "attention.pt",
+            weights_only=True,
+        )
+        for bag_id, marker in zip(data.bag_ids, data.marker_index):
+            if marker is None or bag_id not in attention:
+                continue
+            positives += 1
+            hits += int(attention[bag_id]["attention"].argmax()) == marker
+    assert positives == 30
+    assert hits >= 27
+
+
+def test_random_labels_give_chance_auroc(tmp_path):
+    data = planted_signal_bags(120, random_labels=True, seed=2)
+    folder = write_feature_set(tmp_path / "random", data)
+    config = _config(tmp_path, {"random": folder}, ["folds=4", "seeds=[0,1]"])
+    result = run_cross_validation(config)
+    aurocs = [fold.metrics["auroc"] for fold in result.rows[0].folds]
+    assert len(aurocs) == 8
+    assert 0.35 < np.mean(aurocs) < 0.65
+
+
+def test_same_seed_same_results(tmp_path):
+    folder = write_feature_set(tmp_path / "planted", planted_signal_bags(30, seed=3))
+    config = _config(tmp_path, {"a": folder}, ["train.max_instances=6", "model.dropout=0.25"])
+    first = run_cross_validation(config, tmp_path / "first")
+    second = run_cross_validation(config, tmp_path / "second")
+    assert [f.metrics for f in first.rows[0].folds] == [f.metrics for f in second.rows[0].folds]
+    for fold in range(3):
+        name = f"a/abmil/seed0/fold{fold}/predictions.csv"
+        text = (tmp_path / "first" / name).read_text()
+        assert text == (tmp_path / "second" / name).read_text()
+    config.seeds = [1]
+    third = run_cross_validation(config)
+    assert [f.metrics for f in third.rows[0].folds] != [f.metrics for f in first.rows[0].folds]
+
+
+def test_empty_bag_error_names_bag(tmp_path):
+    data = planted_signal_bags(12, seed=4)
+    folder = write_feature_set(tmp_path / "set", data)
+    empty_id = data.bag_ids[5]
+    save_bag_features(
+        folder / "features" / safe_file_name(empty_id),
+        torch.zeros(0, 16),
+        torch.zeros(0, 4, dtype=torch.int64),
+    )
+    config = _config(tmp_path, {"set": folder}, ["folds=2"])
+    with pytest.raises(ValueError, match="bag 'case 0005/slide' has no instances"):
+        run_cross_validation(config)
+
+
+def test_missing_label_error_names_bag(tmp_path):
+    data = planted_signal_bags(12, seed=5)
+    folder = write_feature_set(tmp_path / "set", data)
+    labels_csv = tmp_path / "labels.csv"
+    with labels_csv.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["bag_id", "label"])
+        for bag_id, label in list(zip(data.bag_ids, data.labels))[:-1]:
+            writer.writerow([bag_id, label])
+    config = _config(tmp_path, {"set": folder}, ["folds=2", f"labels.csv={labels_csv}"])
+    with pytest.raises(ValueError, match="bag 'case 0011/slide' has no label"):
+        run_cross_validation(config)
+    config.labels.drop_unlabelled = True
+    assert run_cross_validation(config).num_bags == 11
+
+
+def test_label_mapping_merges_and_drops(tmp_path):
+    data = planted_signal_bags(18, seed=6)
+    data.labels = [["NILM", "LSIL", "HSIL"][i % 3] for i in range(18)]
+    folder = write_feature_set(tmp_path / "set", data)
+    mapping = "labels.mapping={NILM: normal, LSIL: null, HSIL: abnormal}"
+    config = _config(tmp_path, {"set": folder}, ["folds=2", "train.epochs=2", mapping])
+    result = run_cross_validation(config)
+    assert result.class_names == ["abnormal", "normal"]
+    assert result.num_bags == 12
+    config.labels.mapping = {"NILM": "normal"}
+    with pytest.raises(ValueError, match="label 'LSIL' of bag 'case 0001/slide'"):
+        run_cross_validation(config)
+
+
+def test_cli_writes_comparison_outputs(tmp_path):
+    folder_a = write_feature_set(tmp_path / "a", planted_signal_bags(24, seed=7))
+    folder_b = write_feature_set(tmp_path / "b", planted_signal_bags(24, marker=0.0, seed=7))
+    config_file = tmp_path / "eval.yaml"
+    config_file.write_text(
+        "feature_sets:\n"
+        f"  - {{name: marked, path: {folder_a}}}\n"
+        f"  - {{name: plain, path: {folder_b}}}\n"
+        "model:\n  heads: [abmil, mean]\n"
+    )
+    out = tmp_path / "out"
+    code = eval_mil_main(
+        ["--config", str(config_file), f"out={out}", *FAST, "train.epochs=3", "seeds=[0,1]"]
+    )
+    assert code == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = [(row["feature_set"], row["head"]) for row in results["rows"]]
+    assert rows == [("marked", "abmil"), ("marked", "mean"), ("plain", "abmil"), ("plain", "mean")]
+    assert all(row["runs"] == 6 for row in results["rows"])
+    confusion = np.array(results["rows"][0]["confusion"])
+    assert confusion.sum() == 24 * 2  # every bag is tested once per seed
+    with (out / "results.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 4
+    markdown = (out / "results.md").read_text()
+    assert "| marked | abmil | 6 |" in markdown
+    assert "±" in markdown
+    assert (out / "config.yaml").is_file()
+    assert "marked/abmil/seed1/fold2" in (out / "eval.log").read_text()
+    predictions = out / "plain" / "mean" / "seed1" / "fold0" / "predictions.csv"
+    with predictions.open() as handle:
+        header = next(csv.reader(handle))
+    assert header == ["bag_id", "group", "label", "predicted", "prob_negative", "prob_positive"]
+
+
+def test_cli_bad_override_exit_code(tmp_path):
+    assert eval_mil_main([f"out={tmp_path}", "folds=1"]) == 2
+    assert eval_mil_main([f"out={tmp_path}", "no_such_key=1"]) == 2
+
+
+def test_index_round_trip(tmp_path):
+    data = planted_signal_bags(4, seed=8)
+    folder = write_feature_set(tmp_path / "set", data, with_groups=False)
+    rows = read_index(folder / "index.csv")
+    assert [row.bag_id for row in rows] == data.bag_ids
+    assert [row.group for row in rows] == [None] * 4
+    assert [row.num_instances for row in rows] == [len(bag) for bag in data.bags]
+    assert len({row.file for row in rows}) == 4
+    assert all("/" not in row.file and " " not in row.file for row in rows)

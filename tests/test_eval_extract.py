@@ -1,0 +1,278 @@
+"""Tests of feature extraction: batch-size independence, resume, errors and baselines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cytofm.cli.extract import main as extract_main
+from cytofm.evaluation.bag_table import load_features
+from cytofm.evaluation.config import FeatureSetConfig
+from cytofm.evaluation.extract import extract_bags
+from cytofm.evaluation.extractors import BackboneConfig, HandcraftedExtractor, build_extractor
+from cytofm.evaluation.feature_store import (
+    load_bag_features,
+    read_index,
+    read_meta,
+    safe_file_name,
+)
+from cytofm.evaluation.handcrafted import DESCRIPTOR_DIM, colour_texture_descriptor
+from cytofm.models.vit import build_vit
+
+CPU = torch.device("cpu")
+TINY = {"arch": "vit_small", "embed_dim": 32, "depth": 2, "num_heads": 2, "patch_size": 8}
+
+
+@dataclass
+class FakeBag:
+    """A bag of in-memory tiles, with the interface of the data layer's BagSpec."""
+
+    bag_id: str
+    tiles: list[np.ndarray]
+    label: str | None = "positive"
+    group: str | None = None
+    split: str | None = None
+    reads: list[int] = field(default_factory=list)
+
+    def iter_instances(self):
+        self.reads.append(1)
+        for index, tile in enumerate(self.tiles):
+            height, width = tile.shape[:2]
+            yield Image.fromarray(tile), (index * width, 0, (index + 1) * width, height)
+
+
+def make_bags(sizes=(5, 9, 3, 1), side=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return [
+        FakeBag(
+            f"slide {number}/region" if number % 2 else f"slide_{number}",
+            [rng.integers(0, 256, (side, side, 3), dtype=np.uint8) for _ in range(size)],
+            label="positive" if number % 2 else "negative",
+            group=f"patient{number // 2}",
+        )
+        for number, size in enumerate(sizes)
+    ]
+
+
+def tiny_vit_extractor(patch_tokens=False, seed=0):
+    torch.manual_seed(seed)
+    model = build_vit(img_size=32, **TINY)
+    from cytofm.models.loading import build_transform
+
+    return build_extractor_from(model, build_transform(None), patch_tokens)
+
+
+def build_extractor_from(model, transform, patch_tokens):
+    from cytofm.evaluation.extractors import ViTExtractor
+
+    return ViTExtractor(model, transform, device=CPU, patch_tokens=patch_tokens)
+
+
+def read_all(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
+    return {
+        row.bag_id: load_bag_features(folder / "features" / row.file)
+        for row in read_index(folder / "index.csv")
+    }
+
+
+@pytest.mark.parametrize("kind", ["vit", "handcrafted"])
+def test_batch_size_does_not_change_files(tmp_path, kind):
+    bags = make_bags()
+    extractor = (
+        tiny_vit_extractor() if kind == "vit" else HandcraftedExtractor(img_size=None, device=CPU)
+    )
+    extract_bags(bags, extractor, tmp_path / "b1", batch_size=1)
+    extract_bags(bags, extractor, tmp_path / "b7", batch_size=7)
+    for bag in bags:
+        name = safe_file_name(bag.bag_id)
+        first = (tmp_path / "b1" / "features" / name).read_bytes()
+        second = (tmp_path / "b7" / "features" / name).read_bytes()
+        assert first == second, bag.bag_id
+    assert (tmp_path / "b1" / "index.csv").read_text() == (
+        tmp_path / "b7" / "index.csv"
+    ).read_text()
+
+
+def test_features_match_direct_forward(tmp_path):
+    bags = make_bags(sizes=(4,))
+    extractor = tiny_vit_extractor()
+    extract_bags(bags, extractor, tmp_path / "set", batch_size=3)
+    record = read_all(tmp_path / "set")[bags[0].bag_id]
+    images = torch.stack([extractor.transform(Image.fromarray(tile)) for tile in bags[0].tiles])
+    with torch.no_grad():
+        expected = extractor.model(images)
+    assert record["features"].dtype == torch.float32
+    torch.testing.assert_close(record["features"], expected, rtol=0, atol=1e-6)
+    assert record["coords"].tolist() == [[32 * i, 0, 32 * (i + 1), 32] for i in range(4)]
+
+
+def test_workers_give_same_features(tmp_path):
+    bags = make_bags(sizes=(3, 4, 2, 5, 1))
+    extractor = HandcraftedExtractor(img_size=None, device=CPU)
+    extract_bags(bags, extractor, tmp_path / "main", batch_size=4)
+    extract_bags(bags, extractor, tmp_path / "workers", batch_size=4, num_workers=2)
+    single, multi = read_all(tmp_path / "main"), read_all(tmp_path / "workers")
+    assert list(single) == [bag.bag_id for bag in bags]
+    assert list(multi) == list(single)
+    for bag_id in single:
+        assert torch.equal(single[bag_id]["features"], multi[bag_id]["features"])
+
+
+def test_resume_skips_done_bags(tmp_path):
+    bags = make_bags()
+    extractor = HandcraftedExtractor(img_size=None, device=CPU)
+    folder = tmp_path / "set"
+    extract_bags(bags, extractor, folder, batch_size=4)
+    index_before = (folder / "index.csv").read_text()
+    (folder / "features" / safe_file_name(bags[1].bag_id)).unlink()
+    (folder / "index.csv").unlink()
+    extract_bags(bags, extractor, folder, batch_size=4)
+    assert [len(bag.reads) for bag in bags] == [1, 2, 1, 1]
+    assert (folder / "index.csv").read_text() == index_before
+    extract_bags(bags, extractor, folder, batch_size=4, overwrite=True)
+    assert [len(bag.reads) for bag in bags] == [2, 3, 2, 2]
+
+
+def test_other_configuration_rejected(tmp_path):
+    bags = make_bags(sizes=(2,))
+    extractor = HandcraftedExtractor(img_size=None, device=CPU)
+    extract_bags(bags, extractor, tmp_path / "set", meta={"backbone": {"source": "a"}})
+    with pytest.raises(ValueError, match="another configuration"):
+        extract_bags(bags, extractor, tmp_path / "set", meta={"backbone": {"source": "b"}})
+
+
+def test_non_finite_features_name_bag(tmp_path):
+    bags = make_bags(sizes=(2, 3))
+    extractor = tiny_vit_extractor()
+    with torch.no_grad():
+        extractor.model.norm.weight.fill_(float("nan"))
+    with pytest.raises(FloatingPointError, match="bag 'slide_0'"):
+        extract_bags(bags, extractor, tmp_path / "set")
+
+
+def test_empty_bag_names_bag(tmp_path):
+    bags = make_bags(sizes=(2, 0, 1))
+    with pytest.raises(ValueError, match="bag 'slide 1/region' has no instances"):
+        extract_bags(bags, HandcraftedExtractor(img_size=None, device=CPU), tmp_path / "set")
+
+
+def test_safe_file_names_unique():
+    ids = ["a/b", "a b", "a_b", "a\\b", "../../etc", "x" * 300, "ä/ö"]
+    names = [safe_file_name(bag_id) for bag_id in ids]
+    assert len(set(names)) == len(ids)
+    for name in names:
+        assert "/" not in name and "\\" not in name and " " not in name
+        assert not name.startswith(".")
+        assert len(name) < 120
+    assert safe_file_name("a/b") == safe_file_name("a/b")
+
+
+def test_patch_tokens_as_instances(tmp_path):
+    bags = make_bags(sizes=(2, 3))
+    extractor = tiny_vit_extractor(patch_tokens=True)
+    folder = tmp_path / "set"
+    extract_bags(bags, extractor, folder, batch_size=4)
+    record = read_all(folder)["slide_0"]
+    assert record["patch_tokens"].shape == (2, 16, 32)
+    assert record["patch_grid"].tolist() == [4, 4]
+    loaded = load_features(FeatureSetConfig("tokens", folder, "patch_tokens"), ["slide_0"])
+    assert loaded.bags[0].shape == (32, 32)
+    assert torch.equal(loaded.bags[0][16], record["patch_tokens"][1, 0])
+    boxes = loaded.coords[0]
+    assert boxes[0].tolist() == [0, 0, 8, 8]
+    assert boxes[5].tolist() == [8, 8, 16, 16]  # row 1, column 1 of the first tile
+    assert boxes[16].tolist() == [32, 0, 40, 8]  # first token of the second tile
+
+
+def test_random_init_keeps_checkpoint_shape(tmp_path):
+    torch.manual_seed(1)
+    trained = build_vit(img_size=32, **TINY)
+    path = tmp_path / "vit.pth"
+    torch.save({k: v for k, v in trained.state_dict().items() if k != "mask_token"}, path)
+    loaded = build_extractor(BackboneConfig(source=str(path), arch="vit_small"), device=CPU)
+    random_a = build_extractor(
+        BackboneConfig(source=str(path), random_init=True, seed=3), device=CPU
+    )
+    random_b = build_extractor(
+        BackboneConfig(source=str(path), random_init=True, seed=3), device=CPU
+    )
+    reference = loaded.model.state_dict()
+    state_a, state_b = random_a.model.state_dict(), random_b.model.state_dict()
+    assert {k: v.shape for k, v in state_a.items()} == {k: v.shape for k, v in reference.items()}
+    assert torch.equal(loaded.model.blocks[0].attn.qkv.weight, trained.blocks[0].attn.qkv.weight)
+    assert not torch.equal(
+        state_a["blocks.0.attn.qkv.weight"], reference["blocks.0.attn.qkv.weight"]
+    )
+    assert all(torch.equal(state_a[key], state_b[key]) for key in state_a)
+
+
+def test_descriptor_on_constant_image():
+    image = torch.full((1, 3, 16, 16), 0.0)
+    image[:, 0] = 0.8
+    image[:, 1] = 0.4
+    image[:, 2] = 0.1
+    features = colour_texture_descriptor(image)[0]
+    assert features.shape == (DESCRIPTOR_DIM,)
+    torch.testing.assert_close(features[0:3], torch.tensor([0.8, 0.4, 0.1]))
+    torch.testing.assert_close(features[3:6], torch.zeros(3), atol=1e-6, rtol=0)
+    red_histogram = features[6:22]
+    assert red_histogram.argmax() == 12 and red_histogram[12] == 1.0  # 0.8 * 16 = 12.8
+    density = features[54:57]
+    torch.testing.assert_close(density, -torch.log(torch.tensor([0.8, 0.4, 0.1])))
+    grey = 0.299 * 0.8 + 0.587 * 0.4 + 0.114 * 0.1  # 0.4816
+    assert features[57:60].tolist() == [0.0, 1.0, 1.0]  # below 0.3, 0.5, 0.7
+    assert grey < 0.5
+    assert features[60] == 1.0  # all gradient magnitudes in the first bin
+    assert features[68:76].sum() < 1e-6  # no gradient, no orientation weight
+    lbp = features[76:86]
+    assert lbp[8] == 1.0  # every neighbour equals the centre: pattern 0xFF, label 8
+
+
+def test_descriptor_vertical_edge_orientation():
+    image = torch.zeros(1, 3, 16, 16)
+    image[..., 8:] = 1.0  # dark left half, bright right half: horizontal gradient
+    orientation = colour_texture_descriptor(image)[0, 68:76]
+    assert orientation.argmax() == 0
+    assert orientation[1:].sum() == 0.0
+    # Two columns straddle the edge, each with Sobel response 4/8 = 0.5 in 16 rows of 256 pixels.
+    assert orientation[0] == pytest.approx(2 * 16 * 0.5 / 256)
+
+
+def test_cli_extract_demo_handcrafted(tmp_path):
+    from cytofm.data.demo import generate_demo_set
+
+    demo = tmp_path / "demo"
+    generate_demo_set(demo, num_images=3, image_size=64, seed=0)
+    out = tmp_path / "features"
+    argv = [
+        "bags.kind=image_tiles",
+        f"bags.root={demo}",
+        f"bags.labels_csv={demo / 'labels.csv'}",
+        "bags.tile_size=32",
+        "bags.background_threshold=1.0",
+        "backbone.source=handcrafted",
+        f"out={out}",
+        "num_workers=0",
+        "batch_size=3",
+        "device=cpu",
+    ]
+    assert extract_main(argv) == 0
+    rows = read_index(out / "handcrafted" / "index.csv")
+    assert [row.bag_id for row in rows] == ["demo_00000", "demo_00001", "demo_00002"]
+    assert all(row.num_instances == 4 for row in rows)
+    meta = read_meta(out / "handcrafted" / "meta.json")
+    assert meta["embed_dim"] == DESCRIPTOR_DIM
+    assert meta["backbone"]["source"] == "handcrafted"
+    assert (out / "handcrafted" / "config.yaml").is_file()
+    record = load_bag_features(out / "handcrafted" / "features" / rows[0].file)
+    assert sorted(map(tuple, record["coords"].tolist())) == [
+        (0, 0, 32, 32),
+        (0, 32, 32, 64),
+        (32, 0, 64, 32),
+        (32, 32, 64, 64),
+    ]
