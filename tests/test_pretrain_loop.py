@@ -261,3 +261,12 @@ def test_grad_checkpointing_same_weights(images, tmp_path):
     actual = load_checkpoint(checkpointed.last_checkpoint)["student"]
     for name, tensor in expected.items():
         assert torch.allclose(actual[name], tensor, atol=1e-6), name
+
+
+def test_bf16_autocast_close_to_fp32(images, tmp_path):
+    settings = {"run.max_steps": 2, "model.drop_path_rate": 0.0}
+    full, _ = run_tiny(images, tmp_path / "fp32", **settings)
+    half, _ = run_tiny(images, tmp_path / "bf16", **settings, **{"run.precision": "bf16"})
+    assert half.precision.name == "bf16"
+    assert logged_losses(half) == pytest.approx(logged_losses(full), rel=0.05)
+    assert logged_losses(half) != logged_losses(full)
