@@ -89,6 +89,7 @@ PRESETS: dict[str, tuple[str | None, list[str]]] = {
         ],
     ),
     # The ViT-B/16 recipe as configured, bf16 on one GPU.
+    # NOTE: written for CUDA but not yet run; no GPU was available when it was added.
     "gpu-vitb16": (
         str(REPO_ROOT / "configs" / "pretrain" / "cytofm_vitb16.yaml"),
         ["run.precision=bf16", "run.device=cuda"],

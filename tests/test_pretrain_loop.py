@@ -249,3 +249,24 @@ def test_cli_trains_and_rejects_bad_keys(images, tmp_path, capsys, restore_root_
     status = pretrain_cli.main(["--config", str(config_file), "optim.lrr=1"])
     assert status == 2
     assert "unknown config key(s): optim.lrr" in capsys.readouterr().err
+
+
+def test_grad_checkpointing_same_weights(images, tmp_path):
+    plain, _ = run_tiny(images, tmp_path / "plain", **{"run.max_steps": 2})
+    checkpointed, _ = run_tiny(
+        images, tmp_path / "checkpointed", **{"run.max_steps": 2, "run.grad_checkpointing": True}
+    )
+    assert checkpointed.student.backbone.grad_checkpointing
+    expected = load_checkpoint(plain.last_checkpoint)["student"]
+    actual = load_checkpoint(checkpointed.last_checkpoint)["student"]
+    for name, tensor in expected.items():
+        assert torch.allclose(actual[name], tensor, atol=1e-6), name
+
+
+def test_bf16_autocast_close_to_fp32(images, tmp_path):
+    settings = {"run.max_steps": 2, "model.drop_path_rate": 0.0}
+    full, _ = run_tiny(images, tmp_path / "fp32", **settings)
+    half, _ = run_tiny(images, tmp_path / "bf16", **settings, **{"run.precision": "bf16"})
+    assert half.precision.name == "bf16"
+    assert logged_losses(half) == pytest.approx(logged_losses(full), rel=0.05)
+    assert logged_losses(half) != logged_losses(full)

@@ -62,7 +62,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     context = init_distributed(config.run.device)
     setup_logging(config.run.output_dir / "train.log", rank=context.rank)
     try:
-        trainer = PretrainTrainer(config, context)
+        try:
+            trainer = PretrainTrainer(config, context)
+        except (ValueError, FileNotFoundError) as error:
+            # Missing image folders, empty sources or a checkpoint that does not fit the config.
+            logger.error("cannot start the run: %s", error)
+            return 2
         result = trainer.train()
     except NonFiniteLossError as error:
         logger.error("%s", error)

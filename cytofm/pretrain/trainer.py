@@ -5,8 +5,8 @@ global crops with masked patches replaced by the mask token, and the local crops
 The iBOT loss compares CLS outputs across views and patch outputs at masked positions. Then
 AdamW updates the student, the teacher follows by EMA, and the loss centres move.
 
-Every value that changes over a run (lr, weight decay, teacher momentum and temperature, the
-masks, the data order, stochastic depth) is a function of the seed and the global step, so a
+Every value that changes over a run is a function of the seed and the global step: lr, weight
+decay, teacher momentum and temperature, the masks, the data order and stochastic depth. So a
 run resumed from a checkpoint continues exactly as it would have without the interruption.
 """
 
@@ -101,7 +101,7 @@ def draw_step_masks(
     """Draw one rank's global-crop masks at ``step``, crop-major ``[crops * B, h * w]``.
 
     Each mask comes from a generator seeded with ``(seed, step, crop, position)``, where
-    ``position`` is the image's place in the step's global batch; rank ``r`` holds positions
+    ``position`` is the image's place in the step's global batch. Rank ``r`` gets positions
     ``r, r + world_size, ...`` as the sampler deals them. So an image's masks neither depend
     on the number of processes nor change when a run resumes, and each rank draws only its
     own masks.
@@ -284,6 +284,7 @@ class PretrainTrainer:
                 saved_steps,
                 state["step"],
             )
+
         self.student.backbone.load_state_dict(state["student"])
         self.student.head.load_state_dict(state["student_head"])
         self.teacher.backbone.load_state_dict(state["teacher"])
