@@ -99,7 +99,7 @@ def test_metrics_match_independent_values():
 
 
 def test_planted_signal_found_by_attention(tmp_path):
-    data = planted_signal_bags(60, marker=6.0, seed=1)
+    data = planted_signal_bags(60, dim=4, marker=6.0, seed=1)
     folder = write_feature_set(tmp_path / "planted", data)
     config = _config(tmp_path, {"planted": folder})
     result = run_cross_validation(config, tmp_path / "out")
