@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from cytofm.evaluation.abmil import build_mil_head
 from cytofm.evaluation.bag_table import (
@@ -188,6 +189,8 @@ def run_cross_validation(
     )
     splits = build_splits(table, config)
 
+    runs = len(config.feature_sets) * len(config.model.heads) * len(config.seeds) * config.folds
+    progress = tqdm(total=runs, desc="cross-validation", unit="fold", disable=None)
     rows = []
     for feature_set in config.feature_sets:
         features = load_features(feature_set, table.bag_ids)
@@ -214,7 +217,9 @@ def run_cross_validation(
                         out_dir=fold_dir,
                     )
                     row.folds.append(result)
+                    progress.update(1)
             rows.append(row)
+    progress.close()
     return CrossValidationResult(table.class_names, rows, len(table.bag_ids))
 
 
