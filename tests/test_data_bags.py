@@ -8,13 +8,13 @@ from PIL import Image
 
 from cytofm.data import wsi
 from cytofm.data.bags import BagConfig, build_bags, read_labels_csv
-from test_data_tiling import PURPLE, FakeSlide
+from tests.test_data_tiling import PURPLE, FakeSlide
 
 
 def _stained_image(path, size=(64, 32)):
     path.parent.mkdir(parents=True, exist_ok=True)
     pixels = np.full((size[1], size[0], 3), 250, dtype=np.uint8)
-    pixels[4:28, 4:28] = PURPLE  # only the first 32 px tile holds a cell
+    pixels[4:28, 4:28] = PURPLE  # only the first 32 px tile contains a cell
     Image.fromarray(pixels).save(path)
     return pixels
 
@@ -116,7 +116,11 @@ def test_point_crops_padded_at_borders(tmp_path):
 
     instances = list(bags[0].iter_instances())
     assert len(instances) == 3  # border points padded, not dropped
-    assert [box for _, box in instances] == [(-14, -13, 18, 19), (34, 24, 66, 56), (83, 63, 115, 95)]
+    assert [box for _, box in instances] == [
+        (-14, -13, 18, 19),
+        (34, 24, 66, 56),
+        (83, 63, 115, 95),
+    ]
     for (crop, _), (x, y) in zip(instances, [(2, 3), (50, 40), (99, 79)]):
         np.testing.assert_array_equal(np.asarray(crop), _expected_point_crop(pixels, x, y, 32))
     assert np.asarray(instances[0][0])[0, 0].tolist() == [255, 255, 255]

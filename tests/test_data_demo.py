@@ -30,7 +30,11 @@ def test_demo_deterministic_by_seed(tmp_path):
     generate_demo_set(tmp_path / "b", num_images=4, image_size=96, seed=7)
     generate_demo_set(tmp_path / "c", num_images=4, image_size=96, seed=8)
     first, second = _file_bytes(tmp_path / "a"), _file_bytes(tmp_path / "b")
-    assert sorted(first) == ["cells.csv", *[f"images/demo_0000{i}.png" for i in range(4)], "labels.csv"]
+    assert sorted(first) == [
+        "cells.csv",
+        *[f"images/demo_0000{i}.png" for i in range(4)],
+        "labels.csv",
+    ]
     assert first == second
     assert _file_bytes(tmp_path / "c")["images/demo_00000.png"] != first["images/demo_00000.png"]
 
@@ -95,6 +99,8 @@ def test_demo_reads_as_bags(tmp_path):
 
 
 def test_demo_cli(tmp_path):
-    assert main([str(tmp_path / "out"), "--num-images", "3", "--image-size", "64", "--seed", "2"]) == 0
+    assert (
+        main([str(tmp_path / "out"), "--num-images", "3", "--image-size", "64", "--seed", "2"]) == 0
+    )
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 3
     assert len(_read(tmp_path / "out" / "labels.csv")) == 3

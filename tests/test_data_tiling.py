@@ -97,7 +97,11 @@ class FakeSlide:
     """Three-level pyramid over a level-0 array; right half transparent like unscanned glass."""
 
     def __init__(self, width=4000, height=3000, properties=None):
-        self.level_dimensions = [(width, height), (width // 4, height // 4), (width // 16, height // 16)]
+        self.level_dimensions = [
+            (width, height),
+            (width // 4, height // 4),
+            (width // 16, height // 16),
+        ]
         self.level_downsamples = [1.0, 4.0, 16.0]
         self.level_count = 3
         self.properties = {"openslide.objective-power": "40"} if properties is None else properties

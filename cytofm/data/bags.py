@@ -56,7 +56,7 @@ _TILE_POSITION = re.compile(r"(?:^|[^a-z0-9])x(\d+)[_-]y(\d+)(?![0-9])", re.IGNO
 
 @dataclass
 class BagConfig:
-    """Where bags come from and how their instances are cut.
+    """Settings for listing bags and cutting their instances.
 
     Attributes:
         kind: Bag layout, see the module docstring.
@@ -225,7 +225,7 @@ def build_bags(config: BagConfig) -> list[BagSpec]:
 
     Raises:
         FileNotFoundError: The root, a CSV, or a bag's image, folder or slide is missing.
-        ValueError: A CSV lacks required columns, repeats a bag id or holds invalid values.
+        ValueError: A CSV lacks required columns, repeats a bag id or contains invalid values.
     """
     root = Path(config.root)
     if not root.is_dir():

@@ -6,7 +6,7 @@ Every colour mode that Pillow opens ends up as 8-bit RGB:
 - LA, RGBA and palette images with transparency are composited on white, because a transparent
   pixel in a microscope field is empty glass, which looks white under bright-field light.
 - 16-bit and 32-bit integer images (``I;16*``, ``I``) are scaled by the bit depth their values
-  actually use: the smallest of 8, 10, 12, 14 or 16 bits (32 for ``I``) that holds the image
+  actually use: the smallest of 8, 10, 12, 14 or 16 bits (32 for ``I``) that contains the image
   maximum maps to 255. A 12-bit camera frame stored in a 16-bit PNG therefore fills the 8-bit
   range instead of coming out black, and images of one collection keep their relative
   brightness. Float images (``F``) with values in [0, 1] are scaled by 255, others by their
@@ -69,7 +69,7 @@ _DECODER_ERRORS = (
 
 
 class ImageDecodeError(Exception):
-    """An image file that cannot be decoded; ``path`` and ``reason`` say which and why."""
+    """Error for an image file that cannot be decoded, with its ``path`` and the ``reason``."""
 
     def __init__(self, path: str | Path, reason: str) -> None:
         self.path = Path(path)

@@ -7,7 +7,7 @@ a soft rim. Colours combine by adding optical densities (Beer-Lambert), so overl
 darken as in a real smear, and each field gets its own focus blur and sensor noise.
 
 An abnormal cell has an enlarged, darker, irregular nucleus with coarse chromatin. A bag
-(image) is ``positive`` when it holds at least one abnormal cell; a positive 256 px field holds
+(image) is ``positive`` when it contains at least one abnormal cell; a positive 256 px field has
 one to three abnormal cells among 12 to 30, a small share as in screening. The cell count
 scales with the image area. Files written:
 

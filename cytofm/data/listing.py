@@ -63,7 +63,7 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[str]:
 def read_manifest(path: str | Path) -> list[str]:
     """Read image paths from a manifest file.
 
-    A ``.csv`` or ``.tsv`` file needs a header with a ``path`` column. Any other manifest holds
+    A ``.csv`` or ``.tsv`` file needs a header with a ``path`` column. Any other manifest has
     one path per line; blank lines and lines starting with ``#`` are ignored. Relative paths
     are relative to the manifest's folder and are returned unchanged; absolute paths stay
     absolute.

@@ -78,7 +78,7 @@ def load_source(source: ImageSource) -> PathTable:
 
     Raises:
         FileNotFoundError: The folder or manifest does not exist.
-        ValueError: The path is a file but not a manifest, or the source holds no image.
+        ValueError: The path is a file but not a manifest, or the source contains no image.
     """
     path = source.path
     if path.is_dir():
@@ -248,7 +248,7 @@ class PretrainImageDataset(torch.utils.data.Dataset):
         raise DataLoadingError(
             f"no readable image found in source {self.sources[source].path} after "
             f"{attempt + 1} draws ({self._bad_per_source[source]} of {size} files known bad"
-            f"{self._manifest_hint()}); check that the source holds readable images"
+            f"{self._manifest_hint()}); check that the source contains readable images"
         )
 
     def _try_load(self, index: int, source: int) -> Image.Image | None:

@@ -23,7 +23,7 @@ import numpy as np
 
 
 class MixtureDataset(Protocol):
-    """What the sampler reads from a dataset: sizes and weights of its sources."""
+    """Dataset interface the sampler reads: sizes, weights and offsets of the sources."""
 
     source_sizes: Sequence[int]
     source_weights: Sequence[float]
