@@ -97,7 +97,10 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=16, help="bags per step, batched side")
     parser.add_argument("--lr", type=float, default=5e-4, help="AdamW learning rate, both sides")
     parser.add_argument(
-        "--marker", type=float, default=8.0, help="shift of the planted instance's first feature"
+        "--marker", type=float, default=4.0, help="shift of the planted instance's features"
+    )
+    parser.add_argument(
+        "--marker-dims", type=int, default=8, help="number of features the marker shifts"
     )
     parser.add_argument("--device", default="auto")
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
@@ -114,6 +117,7 @@ def main() -> None:
             min_instances=args.instances // 2,
             max_instances=args.instances,
             marker=args.marker,
+            marker_dims=args.marker_dims,
             seed=0,
         )
         folder = write_feature_set(Path(temporary) / "bench", data)
@@ -151,7 +155,7 @@ def main() -> None:
         "epochs": args.epochs,
         "batch_size": args.batch_size,
         "lr": args.lr,
-        "marker": args.marker,
+        "marker": f"+{args.marker} on {args.marker_dims} features",
         "batched_s": round(batched_seconds, 2),
         "one_bag_per_step_s": round(baseline_seconds, 2),
         "speedup": round(baseline_seconds / batched_seconds, 2),

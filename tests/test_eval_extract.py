@@ -166,7 +166,9 @@ def test_safe_file_names_unique():
     names = [safe_file_name(bag_id) for bag_id in ids]
     assert len(set(names)) == len(ids)
     for name in names:
-        assert "/" not in name and "\\" not in name and " " not in name
+        assert "/" not in name
+        assert "\\" not in name
+        assert " " not in name
         assert not name.startswith(".")
         assert len(name) < 120
     assert safe_file_name("a/b") == safe_file_name("a/b")
@@ -221,7 +223,8 @@ def test_descriptor_on_constant_image():
     torch.testing.assert_close(features[0:3], torch.tensor([0.8, 0.4, 0.1]))
     torch.testing.assert_close(features[3:6], torch.zeros(3), atol=1e-6, rtol=0)
     red_histogram = features[6:22]
-    assert red_histogram.argmax() == 12 and red_histogram[12] == 1.0  # 0.8 * 16 = 12.8
+    assert red_histogram.argmax() == 12  # 0.8 * 16 = 12.8
+    assert red_histogram[12] == 1.0
     density = features[54:57]
     torch.testing.assert_close(density, -torch.log(torch.tensor([0.8, 0.4, 0.1])))
     grey = 0.299 * 0.8 + 0.587 * 0.4 + 0.114 * 0.1  # 0.4816

@@ -15,7 +15,7 @@ class FeatureSetConfig:
 
     Attributes:
         name: row name in the comparison table.
-        path: folder written by ``cytofm-extract`` (holds ``index.csv``).
+        path: folder written by ``cytofm-extract`` (contains ``index.csv``).
         instances: ``tiles`` uses one embedding per tile; ``patch_tokens`` uses every patch
             token of every tile as an instance (needs extraction with ``patch_tokens: true``),
             so that a single image can be a bag of its tokens.
@@ -28,7 +28,7 @@ class FeatureSetConfig:
 
 @dataclass
 class LabelsConfig:
-    """Where bag labels and groups come from and how labels map onto classes.
+    """Source of bag labels and groups, and the mapping of labels onto classes.
 
     Attributes:
         csv: table with one row per bag; None reads the first feature set's ``index.csv``.

@@ -1,7 +1,7 @@
 """Feature extraction: run an extractor over the tiles of every bag and store the features.
 
 Worker processes decode and transform tiles and pack them into batches that may span bag
-boundaries, so the model always sees full batches except at the end of a worker's share.
+boundaries, so every batch is full except the last one of each worker.
 The main process runs the model and writes each bag's file as soon as its last tile is
 embedded. Bags whose file already exists are skipped, so an interrupted run resumes.
 """
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 class Bag(Protocol):
-    """What extraction needs of a bag (``cytofm.data.bags.BagSpec`` satisfies it)."""
+    """Interface of a bag for extraction; ``cytofm.data.bags.BagSpec`` implements it."""
 
     bag_id: str
     label: str | None
@@ -188,7 +188,7 @@ def _check_meta(folder: Path, meta: dict[str, Any], overwrite: bool) -> None:
     keys = ("backbone", "bags", "patch_tokens", "precision")
     if any(previous.get(key) != meta.get(key) for key in keys):
         raise ValueError(
-            f"{folder} holds features of another configuration (compare {path}); choose "
+            f"{folder} contains features of another configuration (compare {path}); choose "
             "another name= or out=, or pass overwrite=true to extract again"
         )
 

@@ -45,7 +45,7 @@ def class_weights(labels: np.ndarray, num_classes: int) -> Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
-# Bags are sorted by size within windows of this many batches, so that a batch holds bags of
+# Bags are sorted by size within windows of this many batches, so that a batch contains bags of
 # similar size and padding wastes little compute.
 BUCKET_BATCHES = 8
 
@@ -59,8 +59,8 @@ def _bucketed(
     """Split ``positions`` into batches of bags of similar size.
 
     With a generator the positions are shuffled first, each window of ``BUCKET_BATCHES``
-    batches is sorted by size, and the batch order is shuffled again; without one all
-    positions are sorted by size (for inference, where order does not matter).
+    batches is sorted by size, and the batch order is shuffled again. Without one, all
+    positions are sorted by size, for inference, where order does not matter.
     """
     if generator is None:
         order = np.argsort(lengths[positions], kind="stable")
@@ -87,8 +87,8 @@ def iterate_batches(
 ) -> Iterator[tuple[np.ndarray, Tensor, Tensor]]:
     """Yield ``(positions, features [B, N, D], mask [B, N])`` batches of bags of similar size.
 
-    With a ``generator`` the batches are drawn in random order and bags larger than
-    ``max_instances`` are randomly subsampled; without one every instance is used and each
+    With a ``generator`` the batches come in random order and bags larger than
+    ``max_instances`` are randomly subsampled. Without one, every instance is used and each
     position appears once, in batches ordered by bag size.
     """
     lengths = np.array([len(bag) for bag in bags])
