@@ -1,0 +1,168 @@
+"""Pretraining checkpoints: atomic writes, rotation, discovery and RNG state as plain data.
+
+Every checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so
+``torch.load(path, weights_only=True)`` reads it and no class from this package is needed
+to open it. Layout (version 1)::
+
+    format: "cytofm-pretrain", version: 1,
+    student, teacher: backbone state dicts with timm key names (cls_token, blocks.0..., norm.*),
+    student_head, teacher_head: projection head state dicts,
+    optimizer, scaler: state dicts, loss: loss state (centres),
+    step: optimizer steps done, epoch: current epoch,
+    data: sampler position, rng: RNG states, config: resolved config as a dict,
+    model: backbone constructor arguments (arch, patch_size, img_size, embed_dim, ...).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import re
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from cytofm.utils.io import atomic_torch_save
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "cytofm-pretrain"
+CHECKPOINT_VERSION = 1
+CHECKPOINT_DIRNAME = "checkpoints"
+REQUIRED_KEYS = (
+    "format",
+    "version",
+    "student",
+    "teacher",
+    "student_head",
+    "teacher_head",
+    "optimizer",
+    "scaler",
+    "loss",
+    "step",
+    "epoch",
+    "data",
+    "rng",
+    "config",
+    "model",
+)
+_NAME_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
+
+
+def checkpoint_path(output_dir: Path, step: int) -> Path:
+    """Return the path of the checkpoint written after ``step`` optimizer steps."""
+    return Path(output_dir) / CHECKPOINT_DIRNAME / f"checkpoint-{step:09d}.pt"
+
+
+def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
+    """Return ``(step, path)`` for every finished checkpoint in ``output_dir``, oldest first.
+
+    Temporary files of an interrupted write have other names and are ignored.
+    """
+    folder = Path(output_dir) / CHECKPOINT_DIRNAME
+    if not folder.is_dir():
+        return []
+    found = []
+    for path in folder.iterdir():
+        match = _NAME_PATTERN.match(path.name)
+        if match and path.is_file():
+            found.append((int(match.group(1)), path))
+    return sorted(found)
+
+
+def save_checkpoint(state: dict[str, Any], output_dir: Path, keep_last: int) -> Path:
+    """Write ``state`` atomically and delete all but the newest ``keep_last`` checkpoints.
+
+    Args:
+        state: checkpoint dict in the layout above; ``state["step"]`` names the file.
+        output_dir: run folder; checkpoints go into its ``checkpoints`` subfolder.
+        keep_last: number of checkpoints to keep (at least 1).
+
+    Returns:
+        Path of the new checkpoint.
+    """
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise ValueError(f"checkpoint state is missing keys: {', '.join(missing)}")
+    path = checkpoint_path(output_dir, int(state["step"]))
+    atomic_torch_save(state, path)
+    logger.info("saved checkpoint %s", path)
+    for _, old_path in list_checkpoints(output_dir)[: -max(keep_last, 1)]:
+        old_path.unlink(missing_ok=True)
+        logger.info("removed old checkpoint %s", old_path)
+    return path
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Load a pretraining checkpoint with ``weights_only=True`` and check its format.
+
+    Raises:
+        ValueError: the file is not a CytoFM pretraining checkpoint or has an unknown version.
+    """
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path} is not a {CHECKPOINT_FORMAT} checkpoint")
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(
+            f"{path} has checkpoint version {state.get('version')!r}; this CytoFM reads "
+            f"version {CHECKPOINT_VERSION}"
+        )
+    return state
+
+
+def load_latest_checkpoint(output_dir: Path) -> dict[str, Any] | None:
+    """Load the newest checkpoint of a run folder that reads back, or None if there is none.
+
+    A checkpoint that fails to load (for example a file truncated by a full disk) is skipped
+    with a warning and the next older one is tried.
+    """
+    for _, path in reversed(list_checkpoints(output_dir)):
+        try:
+            state = load_checkpoint(path)
+        except (RuntimeError, ValueError, OSError, EOFError) as error:
+            logger.warning("skipping unreadable checkpoint %s: %s", path, error)
+            continue
+        logger.info("resuming from %s (step %d)", path, state["step"])
+        return state
+    return None
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Return the python, numpy, torch and CUDA RNG states as plain data."""
+    version, mt_state, gauss = random.getstate()
+    np_name, np_keys, np_pos, np_has_gauss, np_gauss = np.random.get_state(legacy=True)
+    state: dict[str, Any] = {
+        "python": {"version": version, "state": list(mt_state), "gauss": gauss},
+        "numpy": {
+            "name": np_name,
+            "keys": torch.from_numpy(np_keys.astype(np.int64)),
+            "pos": int(np_pos),
+            "has_gauss": int(np_has_gauss),
+            "gauss": float(np_gauss),
+        },
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    """Restore RNG states written by ``capture_rng_state``."""
+    python = state["python"]
+    random.setstate((python["version"], tuple(python["state"]), python["gauss"]))
+    numpy_state = state["numpy"]
+    np.random.set_state(
+        (
+            numpy_state["name"],
+            numpy_state["keys"].numpy().astype(np.uint32),
+            numpy_state["pos"],
+            numpy_state["has_gauss"],
+            numpy_state["gauss"],
+        )
+    )
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])

@@ -1,0 +1,251 @@
+"""The iBOT pretraining loop on a tiny ViT: resume, checkpoints, NaN stop, collapse warning."""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+
+import pytest
+import torch
+
+from cytofm.cli import pretrain as pretrain_cli
+from cytofm.config import ConfigError
+from cytofm.models.loading import load_backbone
+from cytofm.models.vit import build_vit
+from cytofm.pretrain.checkpoint import REQUIRED_KEYS, list_checkpoints, load_checkpoint
+from cytofm.pretrain.config import load_pretrain_config
+from cytofm.pretrain.masking import MaskingConfig
+from cytofm.pretrain.networks import NetworkOutput, forward_selected_tokens
+from cytofm.pretrain.trainer import NonFiniteLossError, PretrainTrainer, draw_step_masks
+from tests.pretrain_helpers import (
+    CPU,
+    logged_losses,
+    run_tiny,
+    tiny_config,
+    tiny_overrides,
+    write_random_images,
+)
+
+
+@pytest.fixture(scope="module")
+def images(tmp_path_factory):
+    # 16 images with batches of 4: 4 steps per epoch, so step 2 is in the middle of epoch 0.
+    return write_random_images(tmp_path_factory.mktemp("images"), 16)
+
+
+def _tensors_equal(first: dict, second: dict) -> list[str]:
+    return [name for name in first if not torch.equal(first[name], second[name])]
+
+
+def test_resume_mid_epoch_bitwise(images, tmp_path):
+    straight, _ = run_tiny(images, tmp_path / "straight", **{"run.max_steps": 4})
+    assert straight.steps_per_epoch == 4
+
+    run_tiny(images, tmp_path / "resumed", **{"run.max_steps": 2})
+    resumed = PretrainTrainer(
+        tiny_config(images, tmp_path / "resumed", **{"run.max_steps": 4}), CPU
+    )
+    assert resumed.step == 2
+    resumed.train()
+
+    expected = load_checkpoint(straight.last_checkpoint)
+    actual = load_checkpoint(resumed.last_checkpoint)
+    assert actual["step"] == expected["step"] == 4
+    for key in ("student", "teacher", "student_head", "teacher_head", "loss"):
+        assert _tensors_equal(expected[key], actual[key]) == [], key
+    for index, state in expected["optimizer"]["state"].items():
+        assert torch.equal(state["exp_avg"], actual["optimizer"]["state"][index]["exp_avg"])
+    assert logged_losses(resumed) == logged_losses(straight)[2:]
+
+
+def test_checkpoint_layout_weights_only(images, tmp_path):
+    trainer, result = run_tiny(
+        images,
+        tmp_path / "run",
+        **{"run.max_steps": 3, "run.save_every_steps": 1, "run.keep_last": 2},
+    )
+    assert [step for step, _ in list_checkpoints(tmp_path / "run")] == [2, 3]
+    assert result.checkpoint == trainer.last_checkpoint
+
+    state = torch.load(result.checkpoint, map_location="cpu", weights_only=True)
+    assert set(REQUIRED_KEYS) <= set(state)
+    assert state["format"] == "cytofm-pretrain"
+    assert state["version"] == 1
+    assert state["step"] == 3
+    assert state["epoch"] == 0
+    assert state["data"]["step_in_epoch"] == 3
+    assert state["data"]["samples_done_per_rank"] == 12
+    assert state["config"]["model"]["embed_dim"] == 32
+    assert state["model"]["embed_dim"] == 32
+    assert state["model"]["patch_size"] == 8
+    for key in ("cls_token", "pos_embed", "patch_embed.proj.weight", "blocks.1.attn.qkv.weight"):
+        assert key in state["teacher"], key
+    assert "mask_token" in state["student"]
+    assert not any(key.startswith(("module.", "backbone.")) for key in state["teacher"])
+    assert set(state["loss"]) == {"center", "patch_center"}
+    assert (tmp_path / "run" / "config.yaml").is_file()
+
+
+def test_checkpoint_loads_as_backbone(images, tmp_path):
+    trainer, result = run_tiny(images, tmp_path / "run", **{"run.max_steps": 2})
+    loaded = load_backbone(result.checkpoint)
+    assert loaded.embed_dim == 32
+    assert loaded.patch_size == 8
+
+    pixels = torch.randn(2, 3, 32, 32)
+    teacher = trainer.teacher.backbone.eval()
+    with torch.no_grad():
+        assert torch.allclose(loaded.model(pixels), teacher(pixels), atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_checkpoint(images, tmp_path):
+    output_dir = tmp_path / "run"
+    run_tiny(images, output_dir, **{"run.max_steps": 2})
+    checkpoint = list_checkpoints(output_dir)[-1][1]
+    digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
+
+    trainer = PretrainTrainer(tiny_config(images, output_dir, **{"run.max_steps": 4}), CPU)
+    healthy_forward = trainer.student_forward
+
+    def forward_with_nan(*args, **kwargs) -> NetworkOutput:
+        output = healthy_forward(*args, **kwargs)
+        output.cls_logits = output.cls_logits * float("nan")
+        return output
+
+    trainer.student_forward = forward_with_nan
+    with pytest.raises(NonFiniteLossError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "step 3" in message
+    assert "cls=nan" in message
+    assert "total=nan" in message
+    assert "patch=" in message
+
+    assert [step for step, _ in list_checkpoints(output_dir)] == [2]
+    assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == digest
+    assert load_checkpoint(checkpoint)["step"] == 2
+
+
+def test_constant_teacher_warns_collapse(images, tmp_path, caplog):
+    trainer = PretrainTrainer(tiny_config(images, tmp_path / "run", **{"run.max_steps": 2}), CPU)
+    out_dim = trainer.config.head.out_dim
+
+    def constant_teacher(global_crops, masks, mask_inputs=False, mask_index=None) -> NetworkOutput:
+        num_images = global_crops.shape[0]
+        num_masked = int(masks.sum())
+        return NetworkOutput(
+            cls_logits=torch.zeros(num_images, out_dim),
+            patch_logits=torch.zeros(num_masked, out_dim),
+            cls_embeddings=torch.ones(num_images, 32),
+        )
+
+    trainer.teacher_forward = constant_teacher
+    with caplog.at_level(logging.WARNING, logger="cytofm.pretrain.metrics"):
+        trainer.train()
+    warnings = [
+        record.getMessage() for record in caplog.records if record.levelno == logging.WARNING
+    ]
+    assert len(warnings) == 2
+    assert "possible collapse" in warnings[0]
+    assert "near uniform" in warnings[0]
+    assert "nearly identical" in warnings[0]
+    assert trainer.metrics.history[0]["collapse/teacher_entropy_ratio"] == pytest.approx(1.0)
+
+
+def test_unknown_config_key_named(tmp_path):
+    with pytest.raises(ConfigError, match="optim.learning_rate"):
+        load_pretrain_config(None, ["optim.learning_rate=1e-3"])
+    with pytest.raises(ConfigError, match="run.keep_last"):
+        load_pretrain_config(None, ["run.keep_last=0"])
+
+
+def test_masks_independent_of_world_size():
+    settings = {"seed": 3, "epoch": 0, "num_global_crops": 2, "grid": (4, 4)}
+    masking = MaskingConfig(ratios=[0.5], ratio_variations=[0.2])
+    whole = draw_step_masks(
+        masking, step=5, batch_size_per_rank=4, rank=0, world_size=1, **settings
+    )
+    whole = whole.view(2, 4, 16)
+    assert whole.any()
+
+    # Two ranks of 2 images hold the interleaved halves of the same global batch of 4.
+    for rank in range(2):
+        half = draw_step_masks(
+            masking, step=5, batch_size_per_rank=2, rank=rank, world_size=2, **settings
+        )
+        assert torch.equal(half.view(2, 2, 16), whole[:, rank::2])
+
+    later = draw_step_masks(
+        masking, step=6, batch_size_per_rank=4, rank=0, world_size=1, **settings
+    )
+    assert not torch.equal(later.view(2, 4, 16), whole)
+
+
+@pytest.mark.parametrize("init_values", [None, 1e-1])
+def test_selected_tokens_match_full_forward(init_values):
+    torch.manual_seed(0)
+    backbone = build_vit(
+        "vit_tiny",
+        embed_dim=32,
+        depth=2,
+        num_heads=2,
+        patch_size=8,
+        img_size=32,
+        init_values=init_values,
+        reg_tokens=1,
+    ).train()
+    images = torch.randn(3, 3, 32, 32)
+    masks = torch.zeros(3, 16, dtype=torch.bool)
+    masks[0, [1, 5]] = True
+    masks[2, 7] = True
+    # CLS of every image (column 0) and the masked patches after the 2 prefix tokens.
+    rows = torch.tensor([0, 1, 2, 0, 0, 2])
+    columns = torch.tensor([0, 0, 0, 3, 7, 9])
+
+    selected = forward_selected_tokens(backbone, images, masks, rows, columns)
+    selected.pow(2).sum().backward()
+    selected_grads = {name: p.grad.clone() for name, p in backbone.named_parameters()}
+    backbone.zero_grad()
+
+    full = backbone.forward_tokens(images, masks)[rows, columns]
+    full.pow(2).sum().backward()
+    assert torch.allclose(selected, full, atol=1e-5)
+    for name, param in backbone.named_parameters():
+        assert torch.allclose(selected_grads[name], param.grad, atol=1e-5), name
+
+
+@pytest.fixture
+def restore_root_logger():
+    # The command installs its own handlers on the root logger; later tests need pytest's.
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)
+
+
+def test_cli_trains_and_rejects_bad_keys(images, tmp_path, capsys, restore_root_logger):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("run:\n  max_steps: 2\n")
+    output_dir = tmp_path / "run"
+    overrides = tiny_overrides(images, output_dir)
+
+    assert pretrain_cli.main(["--config", str(config_file), *overrides]) == 0
+    assert (output_dir / "train.log").is_file()
+    assert "step 2: loss" in (output_dir / "train.log").read_text()
+    assert [step for step, _ in list_checkpoints(output_dir)] == [2]
+    saved = load_pretrain_config(output_dir / "config.yaml")
+    assert saved.run.max_steps == 2
+    assert saved.model.embed_dim == 32
+
+    capsys.readouterr()
+    # The command replaces the root logger's handlers, so its messages go to stderr only.
+    status = pretrain_cli.main(["--config", str(config_file), "optim.lrr=1"])
+    assert status == 2
+    assert "unknown config key(s): optim.lrr" in capsys.readouterr().err
