@@ -80,6 +80,9 @@ class TrainConfig:
         val_fraction: part of each training fold held out for early stopping.
         class_weighted: weight the cross-entropy by inverse class frequency of the training
             split, for imbalanced classes.
+        standardize: z-score each feature with the mean and standard deviation of the
+            training split's instances, so that feature sets of different scales train alike
+            at one learning rate.
     """
 
     lr: float = 2e-4
@@ -90,6 +93,7 @@ class TrainConfig:
     max_instances: int | None = 512
     val_fraction: float = 0.2
     class_weighted: bool = True
+    standardize: bool = True
 
 
 @dataclass
@@ -106,6 +110,8 @@ class EvalConfig:
         model: bag-level heads.
         train: optimisation.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        num_threads: torch intra-op CPU threads; None keeps torch's default. The heads are
+            small, so on a busy machine 1 thread can be several times faster than more.
     """
 
     feature_sets: list[FeatureSetConfig] = field(default_factory=list)
@@ -116,6 +122,7 @@ class EvalConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         check_eval_config(self)
@@ -129,6 +136,8 @@ def check_eval_config(config: EvalConfig) -> None:
         problems.append(f"feature_sets: names must be unique, got {names}")
     if config.folds < 2:
         problems.append(f"folds: must be at least 2, got {config.folds}")
+    if config.num_threads is not None and config.num_threads < 1:
+        problems.append(f"num_threads: must be positive or null, got {config.num_threads}")
     if not config.seeds:
         problems.append("seeds: give at least one seed")
     if not config.model.heads:

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from cytofm.evaluation.abmil import build_mil_head
+from cytofm.evaluation.abmil import StandardizedHead, build_mil_head, feature_statistics
 from cytofm.evaluation.bag_table import (
     LabelTable,
     LoadedFeatures,
@@ -131,6 +131,9 @@ def run_fold(
         attention_dim=config.model.attention_dim,
         dropout=config.model.dropout,
     )
+    if config.train.standardize:
+        mean, std = feature_statistics(bags, train.tolist())
+        model = StandardizedHead(model, mean.to(bags[0].device), std.to(bags[0].device))
     trained = train_head(
         model,
         bags,
