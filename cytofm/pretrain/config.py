@@ -47,6 +47,8 @@ class DataConfig:
     """Image sources and data loading."""
 
     sources: list[SourceConfig] = field(default_factory=list)
+    # Folder that relative source paths are resolved against; None: the working directory.
+    root: Path | None = None
     batch_size_per_gpu: int = 64
     num_workers: int = 8
     samples_per_epoch: int | None = None

@@ -48,8 +48,13 @@ def build_pretrain_data(config: PretrainConfig, context: DistributedContext) -> 
             "data.sources is empty: list at least one image folder or manifest, e.g. "
             "data.sources=[{path: /data/smears, weight: 1}]"
         )
+    root = config.data.root
     sources = [
-        ImageSource(path=source.path, weight=source.weight, recursive=source.recursive)
+        ImageSource(
+            path=root / source.path if root is not None else source.path,
+            weight=source.weight,
+            recursive=source.recursive,
+        )
         for source in config.data.sources
     ]
     dataset_kwargs = {}
