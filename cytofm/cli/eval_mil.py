@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="config overrides, e.g. folds=3 train.lr=1e-4 model.heads=[abmil,mean]",
+        help="config overrides, e.g. folds=3 train.lr=0.0001 model.heads=[abmil,mean]",
     )
     return parser
 

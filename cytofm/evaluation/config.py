@@ -101,7 +101,7 @@ class EvalConfig:
     """Everything ``cytofm-eval-mil`` reads.
 
     Attributes:
-        feature_sets: the feature sets to compare; all must hold every labelled bag.
+        feature_sets: the feature sets to compare; each must contain every labelled bag.
         labels: label task.
         out: output folder for the tables, predictions, attention, config and log.
         folds: number of cross-validation folds.
