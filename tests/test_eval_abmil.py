@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 import torch
 
-from cytofm.evaluation.abmil import GatedAttentionMIL, MeanPoolingMIL, build_mil_head, pad_bags
+from cytofm.evaluation.abmil import (
+    GatedAttentionMIL,
+    MeanPoolingMIL,
+    StandardizedHead,
+    build_mil_head,
+    feature_statistics,
+    pad_bags,
+)
 
 
 def _head(kind: str) -> torch.nn.Module:
@@ -111,3 +118,25 @@ def test_pad_bags_shapes_and_mask():
     assert features.shape == (2, 4, 3)
     assert mask.tolist() == [[True, True, False, False], [True, True, True, True]]
     assert torch.equal(features[0, 2:], torch.zeros(2, 3))
+
+
+def test_feature_statistics_match_concatenation():
+    bags = [torch.randn(n, 5) * 3 + 2 for n in (4, 7, 1, 9)]
+    mean, std = feature_statistics(bags, [0, 2, 3])
+    stacked = torch.cat([bags[0], bags[2], bags[3]])
+    torch.testing.assert_close(mean, stacked.mean(dim=0), rtol=0, atol=1e-5)
+    torch.testing.assert_close(std, stacked.std(dim=0, correction=0), rtol=0, atol=1e-5)
+
+
+def test_standardized_head_padding_and_scale():
+    head = _head("abmil")
+    mean, std = torch.full((12,), 5.0), torch.full((12,), 10.0)
+    wrapped = StandardizedHead(head, mean, std).eval()
+    short, long = torch.randn(3, 12), torch.randn(8, 12)
+    features, mask = pad_bags([short * 10 + 5, long * 10 + 5])
+    with torch.no_grad():
+        padded = wrapped(features, mask)
+        direct = head(short.unsqueeze(0))
+    torch.testing.assert_close(padded.logits[0], direct.logits[0], rtol=0, atol=1e-5)
+    assert torch.equal(padded.attention[0, 3:], torch.zeros(5))
+    assert set(wrapped.state_dict()) >= {"mean", "std"}

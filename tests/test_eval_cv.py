@@ -99,12 +99,13 @@ def test_metrics_match_independent_values():
 
 
 def test_planted_signal_found_by_attention(tmp_path):
-    data = planted_signal_bags(60, marker=6.0, seed=1)
+    data = planted_signal_bags(60, dim=4, marker=6.0, seed=1)
     folder = write_feature_set(tmp_path / "planted", data)
     config = _config(tmp_path, {"planted": folder})
     result = run_cross_validation(config, tmp_path / "out")
     aurocs = [fold.metrics["auroc"] for fold in result.rows[0].folds]
-    assert min(aurocs) > 0.95
+    assert np.mean(aurocs) > 0.95
+    assert min(aurocs) > 0.9
 
     hits, positives = 0, 0
     for fold in range(3):
@@ -190,6 +191,19 @@ def test_label_mapping_merges_and_drops(tmp_path):
         run_cross_validation(config)
 
 
+def test_three_classes_give_ovr_auroc(tmp_path):
+    data = planted_signal_bags(18, seed=9)
+    data.labels = [["NILM", "LSIL", "HSIL"][i % 3] for i in range(18)]
+    folder = write_feature_set(tmp_path / "set", data)
+    config = _config(tmp_path, {"set": folder}, ["folds=2", "train.epochs=2"])
+    result = run_cross_validation(config)
+    assert result.class_names == ["HSIL", "LSIL", "NILM"]
+    for fold in result.rows[0].folds:
+        assert np.array(fold.confusion).shape == (3, 3)
+        assert np.array(fold.confusion).sum() == fold.num_test
+        assert 0.0 <= fold.metrics["auroc"] <= 1.0
+
+
 def test_cli_writes_comparison_outputs(tmp_path):
     folder_a = write_feature_set(tmp_path / "a", planted_signal_bags(24, seed=7))
     folder_b = write_feature_set(tmp_path / "b", planted_signal_bags(24, marker=0.0, seed=7))
@@ -205,6 +219,7 @@ def test_cli_writes_comparison_outputs(tmp_path):
         ["--config", str(config_file), f"out={out}", *FAST, "train.epochs=3", "seeds=[0,1]"]
     )
     assert code == 0
+
     results = json.loads((out / "results.json").read_text())
     rows = [(row["feature_set"], row["head"]) for row in results["rows"]]
     assert rows == [("marked", "abmil"), ("marked", "mean"), ("plain", "abmil"), ("plain", "mean")]
@@ -213,11 +228,13 @@ def test_cli_writes_comparison_outputs(tmp_path):
     assert confusion.sum() == 24 * 2  # every bag is tested once per seed
     with (out / "results.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 4
+
     markdown = (out / "results.md").read_text()
     assert "| marked | abmil | 6 |" in markdown
     assert "±" in markdown
     assert (out / "config.yaml").is_file()
     assert "marked/abmil/seed1/fold2" in (out / "eval.log").read_text()
+
     predictions = out / "plain" / "mean" / "seed1" / "fold0" / "predictions.csv"
     with predictions.open() as handle:
         header = next(csv.reader(handle))

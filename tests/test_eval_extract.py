@@ -155,10 +155,17 @@ def test_non_finite_features_name_bag(tmp_path):
         extract_bags(bags, extractor, tmp_path / "set")
 
 
-def test_empty_bag_names_bag(tmp_path):
+def test_empty_bag_indexed_with_warning(tmp_path, caplog):
     bags = make_bags(sizes=(2, 0, 1))
+    folder = tmp_path / "set"
+    rows = extract_bags(bags, HandcraftedExtractor(img_size=None, device=CPU), folder)
+    assert [row.num_instances for row in rows] == [2, 0, 1]
+    assert "bag 'slide 1/region' has no instances" in caplog.text
+    record = read_all(folder)["slide 1/region"]
+    assert record["features"].shape == (0, DESCRIPTOR_DIM)
+    assert record["coords"].shape == (0, 4)
     with pytest.raises(ValueError, match="bag 'slide 1/region' has no instances"):
-        extract_bags(bags, HandcraftedExtractor(img_size=None, device=CPU), tmp_path / "set")
+        load_features(FeatureSetConfig("set", folder), [bag.bag_id for bag in bags])
 
 
 def test_safe_file_names_unique():
@@ -166,7 +173,9 @@ def test_safe_file_names_unique():
     names = [safe_file_name(bag_id) for bag_id in ids]
     assert len(set(names)) == len(ids)
     for name in names:
-        assert "/" not in name and "\\" not in name and " " not in name
+        assert "/" not in name
+        assert "\\" not in name
+        assert " " not in name
         assert not name.startswith(".")
         assert len(name) < 120
     assert safe_file_name("a/b") == safe_file_name("a/b")
@@ -221,7 +230,8 @@ def test_descriptor_on_constant_image():
     torch.testing.assert_close(features[0:3], torch.tensor([0.8, 0.4, 0.1]))
     torch.testing.assert_close(features[3:6], torch.zeros(3), atol=1e-6, rtol=0)
     red_histogram = features[6:22]
-    assert red_histogram.argmax() == 12 and red_histogram[12] == 1.0  # 0.8 * 16 = 12.8
+    assert red_histogram.argmax() == 12  # 0.8 * 16 = 12.8
+    assert red_histogram[12] == 1.0
     density = features[54:57]
     torch.testing.assert_close(density, -torch.log(torch.tensor([0.8, 0.4, 0.1])))
     grey = 0.299 * 0.8 + 0.587 * 0.4 + 0.114 * 0.1  # 0.4816
@@ -276,3 +286,31 @@ def test_cli_extract_demo_handcrafted(tmp_path):
         (32, 0, 64, 32),
         (32, 32, 64, 64),
     ]
+
+
+@pytest.mark.realdata
+def test_real_class_folders_extract(tmp_path, shared_data):
+    from cytofm.data.bags import BagConfig, build_bags
+
+    config = BagConfig(
+        kind="class_folders",
+        root=shared_data / "rbc-diseases",
+        tile_size=224,
+        background_threshold=1.0,
+    )
+    bags = build_bags(config)
+    first_per_class = {}
+    for bag in bags:
+        first_per_class.setdefault(bag.label, bag)
+    chosen = list(first_per_class.values())
+    assert len(chosen) == 5
+
+    folder = tmp_path / "rbc"
+    rows = extract_bags(chosen, HandcraftedExtractor(img_size=None, device=CPU), folder)
+    assert any(" " in row.bag_id and "/" in row.bag_id for row in rows)
+    for row in rows:
+        record = load_bag_features(folder / "features" / row.file)
+        assert row.num_instances == 9  # 640x480 with 224 px tiles and edge tiles: 3 x 3
+        assert bool(torch.isfinite(record["features"]).all())
+        assert int(record["coords"][:, 2].max()) == 640
+        assert int(record["coords"][:, 3].max()) == 480

@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from cytofm.config import ConfigError, load_config, save_config
 from cytofm.evaluation.config import EvalConfig
 from cytofm.evaluation.cross_validation import run_cross_validation
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
         "overrides",
         nargs="*",
         metavar="key=value",
-        help="config overrides, e.g. folds=3 train.lr=1e-4 model.heads=[abmil,mean]",
+        help="config overrides, e.g. folds=3 train.lr=0.0001 model.heads=[abmil,mean]",
     )
     return parser
 
@@ -45,6 +47,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         sys.stderr.write(f"cytofm-eval-mil: {error}\n")
         return 2
 
+    if config.num_threads is not None:
+        torch.set_num_threads(config.num_threads)
     out_dir = config.out
     out_dir.mkdir(parents=True, exist_ok=True)
     setup_logging(out_dir / "eval.log")

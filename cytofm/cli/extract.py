@@ -7,6 +7,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
+import torch
+
 from cytofm.config import ConfigError, load_config, save_config
 from cytofm.evaluation.extract import ExtractConfig, extract_features
 from cytofm.evaluation.extractors import default_feature_set_name
@@ -51,6 +53,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.batch_size < 1 or config.num_workers < 0:
         sys.stderr.write("cytofm-extract: batch_size must be >= 1 and num_workers >= 0\n")
         return 2
+    if config.num_threads is not None:
+        if config.num_threads < 1:
+            sys.stderr.write("cytofm-extract: num_threads must be positive or null\n")
+            return 2
+        torch.set_num_threads(config.num_threads)
 
     folder = config.out / (config.name or default_feature_set_name(config.backbone))
     folder.mkdir(parents=True, exist_ok=True)

@@ -119,6 +119,43 @@ class MeanPoolingMIL(nn.Module):
         return MILOutput(logits=self.classifier(self.dropout(pooled)), attention=attention)
 
 
+class StandardizedHead(nn.Module):
+    """A head that first z-scores each feature with a fixed mean and standard deviation.
+
+    The statistics are buffers, so they travel with the state dict. Padded positions become
+    ``-mean / std`` instead of 0, which the heads ignore because they mask padding.
+    """
+
+    def __init__(self, head: nn.Module, mean: Tensor, std: Tensor) -> None:
+        super().__init__()
+        self.head = head
+        self.register_buffer("mean", mean.float().clone())
+        self.register_buffer("std", std.float().clamp_min(1e-6).clone())
+
+    def forward(self, features: Tensor, mask: Tensor | None = None) -> MILOutput:
+        """Standardise ``features [B, N, D]`` and apply the wrapped head."""
+        return self.head((features - self.mean) / self.std, mask)
+
+
+def feature_statistics(bags: list[Tensor], positions: list[int]) -> tuple[Tensor, Tensor]:
+    """Per-feature mean and standard deviation ``[D]`` over all instances of some bags.
+
+    Sums are accumulated bag by bag in float64, so no concatenated copy of the bags is made.
+    """
+    total, total_squares, count = None, None, 0
+    for position in positions:
+        bag = bags[position].double()
+        bag_sum, bag_squares = bag.sum(dim=0), (bag * bag).sum(dim=0)
+        total = bag_sum if total is None else total + bag_sum
+        total_squares = bag_squares if total_squares is None else total_squares + bag_squares
+        count += bag.shape[0]
+    if total is None or total_squares is None or count == 0:
+        raise ValueError("feature_statistics needs at least one instance")
+    mean = total / count
+    variance = (total_squares / count - mean * mean).clamp_min(0.0)
+    return mean.float(), variance.sqrt().float()
+
+
 def build_mil_head(
     kind: HeadKind,
     in_dim: int,

@@ -166,7 +166,11 @@ def load_features(feature_set: FeatureSetConfig, bag_ids: list[str]) -> LoadedFe
         record = store.load(bag_id)
         file = store.root / "features" / store.row(bag_id).file
         if record["features"].shape[0] == 0:
-            raise ValueError(f"bag {bag_id!r} has no instances ({file})")
+            raise ValueError(
+                f"bag {bag_id!r} has no instances ({file}); extract it again with a lower "
+                "bags.background_threshold, or leave it out with a labels.csv without it and "
+                "labels.drop_unlabelled=true"
+            )
         if feature_set.instances == "patch_tokens":
             if "patch_tokens" not in record or "patch_grid" not in record:
                 raise ValueError(

@@ -15,7 +15,7 @@ class FeatureSetConfig:
 
     Attributes:
         name: row name in the comparison table.
-        path: folder written by ``cytofm-extract`` (holds ``index.csv``).
+        path: folder written by ``cytofm-extract`` (contains ``index.csv``).
         instances: ``tiles`` uses one embedding per tile; ``patch_tokens`` uses every patch
             token of every tile as an instance (needs extraction with ``patch_tokens: true``),
             so that a single image can be a bag of its tokens.
@@ -28,7 +28,7 @@ class FeatureSetConfig:
 
 @dataclass
 class LabelsConfig:
-    """Where bag labels and groups come from and how labels map onto classes.
+    """Source of bag labels and groups, and the mapping of labels onto classes.
 
     Attributes:
         csv: table with one row per bag; None reads the first feature set's ``index.csv``.
@@ -80,6 +80,9 @@ class TrainConfig:
         val_fraction: part of each training fold held out for early stopping.
         class_weighted: weight the cross-entropy by inverse class frequency of the training
             split, for imbalanced classes.
+        standardize: z-score each feature with the mean and standard deviation of the
+            training split's instances, so that feature sets of different scales train alike
+            at one learning rate.
     """
 
     lr: float = 2e-4
@@ -90,6 +93,7 @@ class TrainConfig:
     max_instances: int | None = 512
     val_fraction: float = 0.2
     class_weighted: bool = True
+    standardize: bool = True
 
 
 @dataclass
@@ -97,7 +101,7 @@ class EvalConfig:
     """Everything ``cytofm-eval-mil`` reads.
 
     Attributes:
-        feature_sets: the feature sets to compare; all must hold every labelled bag.
+        feature_sets: the feature sets to compare; each must contain every labelled bag.
         labels: label task.
         out: output folder for the tables, predictions, attention, config and log.
         folds: number of cross-validation folds.
@@ -106,6 +110,8 @@ class EvalConfig:
         model: bag-level heads.
         train: optimisation.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
+        num_threads: torch intra-op CPU threads; None keeps torch's default. The heads are
+            small, so on a busy machine 1 thread can be several times faster than more.
     """
 
     feature_sets: list[FeatureSetConfig] = field(default_factory=list)
@@ -116,6 +122,7 @@ class EvalConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         check_eval_config(self)
@@ -129,6 +136,8 @@ def check_eval_config(config: EvalConfig) -> None:
         problems.append(f"feature_sets: names must be unique, got {names}")
     if config.folds < 2:
         problems.append(f"folds: must be at least 2, got {config.folds}")
+    if config.num_threads is not None and config.num_threads < 1:
+        problems.append(f"num_threads: must be positive or null, got {config.num_threads}")
     if not config.seeds:
         problems.append("seeds: give at least one seed")
     if not config.model.heads:

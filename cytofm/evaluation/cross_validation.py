@@ -9,8 +9,9 @@ from typing import Any
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
-from cytofm.evaluation.abmil import build_mil_head
+from cytofm.evaluation.abmil import StandardizedHead, build_mil_head, feature_statistics
 from cytofm.evaluation.bag_table import (
     LabelTable,
     LoadedFeatures,
@@ -130,6 +131,9 @@ def run_fold(
         attention_dim=config.model.attention_dim,
         dropout=config.model.dropout,
     )
+    if config.train.standardize:
+        mean, std = feature_statistics(bags, train.tolist())
+        model = StandardizedHead(model, mean.to(bags[0].device), std.to(bags[0].device))
     trained = train_head(
         model,
         bags,
@@ -188,6 +192,8 @@ def run_cross_validation(
     )
     splits = build_splits(table, config)
 
+    runs = len(config.feature_sets) * len(config.model.heads) * len(config.seeds) * config.folds
+    progress = tqdm(total=runs, desc="cross-validation", unit="fold", disable=None)
     rows = []
     for feature_set in config.feature_sets:
         features = load_features(feature_set, table.bag_ids)
@@ -214,7 +220,9 @@ def run_cross_validation(
                         out_dir=fold_dir,
                     )
                     row.folds.append(result)
+                    progress.update(1)
             rows.append(row)
+    progress.close()
     return CrossValidationResult(table.class_names, rows, len(table.bag_ids))
 
 

@@ -1,7 +1,7 @@
 """Feature extraction: run an extractor over the tiles of every bag and store the features.
 
 Worker processes decode and transform tiles and pack them into batches that may span bag
-boundaries, so the model always sees full batches except at the end of a worker's share.
+boundaries, so every batch is full except the last one of each worker.
 The main process runs the model and writes each bag's file as soon as its last tile is
 embedded. Bags whose file already exists are skipped, so an interrupted run resumes.
 """
@@ -45,7 +45,7 @@ logger = logging.getLogger(__name__)
 
 
 class Bag(Protocol):
-    """What extraction needs of a bag (``cytofm.data.bags.BagSpec`` satisfies it)."""
+    """Interface of a bag for extraction; ``cytofm.data.bags.BagSpec`` implements it."""
 
     bag_id: str
     label: str | None
@@ -74,6 +74,8 @@ class ExtractConfig:
         patch_tokens: also store every tile's patch tokens ``[N, h*w, D]`` (large: ``h*w``
             times the size of the embeddings).
         overwrite: extract every bag again, even when its file exists.
+        num_threads: torch intra-op CPU threads of the main process; None keeps torch's
+            default.
     """
 
     bags: BagConfig = field(default_factory=BagConfig)
@@ -86,6 +88,7 @@ class ExtractConfig:
     precision: Precision = "auto"
     patch_tokens: bool = False
     overwrite: bool = False
+    num_threads: int | None = None
 
 
 class _TileBatches(IterableDataset):
@@ -151,12 +154,18 @@ class _BagBuffer:
     grids: set[tuple[int, int]] = field(default_factory=set)
 
 
-def _write_bag(bag: Bag, buffer: _BagBuffer, path: Path) -> int:
+def _write_bag(bag: Bag, buffer: _BagBuffer, path: Path, embed_dim: int) -> int:
     if not buffer.embeddings:
-        raise ValueError(
-            f"bag {bag.bag_id!r} has no instances (every tile was background or the image is "
-            "smaller than a tile); lower bags.background_threshold or remove the bag"
+        # An empty bag is written and indexed, so the run completes and a resumed run does not
+        # retry it; cytofm-eval-mil raises on it, naming the bag.
+        logger.warning(
+            "bag %r has no instances: every tile was background or the image is smaller than "
+            "a tile. Lower bags.background_threshold or leave the bag out of the labels",
+            bag.bag_id,
         )
+        empty = torch.zeros(0, embed_dim)
+        save_bag_features(path, empty, torch.zeros(0, 4, dtype=torch.long))
+        return 0
     features = torch.cat(buffer.embeddings)
     if not bool(torch.isfinite(features).all()):
         bad = int((~torch.isfinite(features)).any(dim=1).sum())
@@ -188,7 +197,7 @@ def _check_meta(folder: Path, meta: dict[str, Any], overwrite: bool) -> None:
     keys = ("backbone", "bags", "patch_tokens", "precision")
     if any(previous.get(key) != meta.get(key) for key in keys):
         raise ValueError(
-            f"{folder} holds features of another configuration (compare {path}); choose "
+            f"{folder} contains features of another configuration (compare {path}); choose "
             "another name= or out=, or pass overwrite=true to extract again"
         )
 
@@ -208,8 +217,10 @@ def extract_bags(
     Writes one file per bag, then ``index.csv`` in the order of ``bags`` and ``meta.json``.
     Bags whose file exists are skipped unless ``overwrite``.
 
+    A bag without instances gets an empty file and a warning; the evaluation raises on it.
+
     Raises:
-        ValueError: a bag without instances, or a folder holding another configuration.
+        ValueError: the folder contains features of another configuration.
         FloatingPointError: non-finite features, naming the bag.
         RuntimeError: a tile could not be read, naming the bag.
     """
@@ -247,6 +258,9 @@ def extract_bags(
     ]
     write_index(rows, folder / "index.csv")
     logger.info("%d bags, %d instances in %s", len(rows), sum(counts.values()), folder)
+    empty = [row.bag_id for row in rows if row.num_instances == 0]
+    if empty:
+        logger.warning("%d bag(s) have no instances: %s", len(empty), ", ".join(empty[:20]))
     return rows
 
 
@@ -284,7 +298,8 @@ def _run(
                     buffer.grids.add(grid)
         for position, count in batch["finished"]:
             buffer = buffers.pop(position, _BagBuffer())
-            counts[position] = _write_bag(bags[position], buffer, feature_dir / files[position])
+            path = feature_dir / files[position]
+            counts[position] = _write_bag(bags[position], buffer, path, extractor.embed_dim)
             if counts[position] != count:
                 raise RuntimeError(f"bag {bags[position].bag_id!r}: lost tiles during extraction")
             progress.update(1)

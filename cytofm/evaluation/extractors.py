@@ -1,8 +1,11 @@
 """Feature extractors for ``cytofm-extract``: a ViT backbone, a random ViT, or a descriptor.
 
 An extractor maps a batch of transformed tiles to one embedding per tile and, for ViTs,
-optionally the patch tokens. Each row of the output depends on its own tile only: the
-batch size never changes a feature (checked on CPU by the tests).
+optionally the patch tokens. Each row of the output depends on its own tile only, so on CPU
+the batch size does not change a feature (the tests compare files bit for bit).
+
+NOTE: on CUDA, cuBLAS may choose other kernels for other batch sizes, so features can differ
+in the last bits between batch sizes; this path has not been run on a GPU.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ Precision = Literal["auto", "fp32", "bf16", "fp16"]
 
 @dataclass
 class BackboneConfig:
-    """Which model turns tiles into features.
+    """Model that turns tiles into features, and how to load it.
 
     Attributes:
         source: a checkpoint file for ``load_backbone``; ``random`` for a randomly initialised
@@ -155,7 +158,7 @@ class HandcraftedExtractor:
         """Describe ``[B, 3, H, W]`` tiles in ``[0, 1]`` by ``[B, 86]`` values."""
         return colour_texture_descriptor(images.to(self.device)), None
 
-    def patch_grid(self, images: Tensor) -> tuple[int, int]:  # pragma: no cover - no tokens
+    def patch_grid(self, images: Tensor) -> tuple[int, int]:
         raise ValueError("the handcrafted descriptor has no patch tokens")
 
 

@@ -6,10 +6,10 @@ For RGB images in ``[0, 1]`` it concatenates, per image (86 values):
   and the mean optical density per channel, ``-log(I)``, which tracks stain uptake (3);
 - darkness: the share of pixels with grey level below 0.3, 0.5 and 0.7, a proxy for
   nuclear area and chromatin (3);
-- texture: an 8-bin histogram of Sobel gradient magnitude (8), an 8-bin histogram of
-  gradient orientation weighted by magnitude, per pixel (8), and a histogram of rotation-invariant
-  uniform local binary patterns over the 8 neighbours at radius 1 (Ojala et al., TPAMI
-  2002), 10 bins (10).
+- texture: an 8-bin histogram of Sobel gradient magnitude (8) and an 8-bin histogram of
+  gradient orientation weighted by magnitude, per pixel (8). A 10-bin histogram of
+  rotation-invariant uniform local binary patterns over the 8 neighbours at radius 1 (Ojala
+  et al., TPAMI 2002) completes it (10).
 
 Every value of an image depends on that image only, so batching does not change the result.
 """
@@ -61,7 +61,7 @@ def _colour_features(images: Tensor) -> Tensor:
     batch, channels = images.shape[:2]
     pixels = images.reshape(batch, channels, -1)
     mean = pixels.mean(dim=2)
-    std = pixels.std(dim=2, unbiased=False)
+    std = pixels.std(dim=2, correction=0)
     bins = (pixels * _COLOUR_BINS).long().clamp(0, _COLOUR_BINS - 1)
     histograms = [_histogram(bins[:, channel], _COLOUR_BINS) for channel in range(channels)]
     density = -torch.log(pixels.clamp_min(1.0 / 255.0)).mean(dim=2)

@@ -75,7 +75,7 @@ def _cell(mean: float, std: float) -> str:
 
 
 def summary_rows(result: CrossValidationResult) -> list[dict[str, Any]]:
-    """One dict per table row: names, run count, and mean, std and count of every metric."""
+    """Summarise each table row: names, run count, and mean, std and count of every metric."""
     rows = []
     for row in result.rows:
         entry: dict[str, Any] = {

@@ -1,7 +1,7 @@
-"""Synthetic feature sets with a known answer, for tests, benchmarks and sanity checks.
+"""Synthetic feature sets with known ground truth, for tests, benchmarks and sanity checks.
 
 In a planted-signal set every positive bag holds exactly one marker instance whose first
-feature is shifted by ``marker``; every other instance is standard normal noise. A MIL head
+features are shifted by ``marker``; every other instance is standard normal noise. A MIL head
 that works separates the classes and puts its attention on the marker instance.
 """
 
@@ -51,13 +51,15 @@ def planted_signal_bags(
     min_instances: int = 5,
     max_instances: int = 20,
     marker: float = 4.0,
+    marker_dims: int = 1,
     bags_per_group: int = 2,
     random_labels: bool = False,
     seed: int = 0,
 ) -> SyntheticBags:
     """Generate ``num_bags`` bags, half of them positive (alternating).
 
-    With ``random_labels`` the marker is still planted in the even bags but the labels are a
+    The marker instance has its first ``marker_dims`` features shifted by ``marker``. With
+    ``random_labels`` the marker is still planted in the even bags but the labels are a
     random permutation, so no head can beat chance.
     """
     generator = torch.Generator().manual_seed(seed)
@@ -70,7 +72,7 @@ def planted_signal_bags(
         marker_index = None
         if positive:
             marker_index = int(rng.integers(0, size))
-            features[marker_index, 0] += marker
+            features[marker_index, :marker_dims] += marker
         bag_ids.append(f"case {index:04d}/slide")
         bags.append(features)
         labels.append("positive" if positive else "negative")

@@ -45,6 +45,38 @@ def class_weights(labels: np.ndarray, num_classes: int) -> Tensor:
     return torch.tensor(weights, dtype=torch.float32)
 
 
+# Bags are sorted by size within windows of this many batches, so that a batch contains bags of
+# similar size and padding wastes little compute.
+BUCKET_BATCHES = 8
+
+
+def _bucketed(
+    positions: np.ndarray,
+    lengths: np.ndarray,
+    batch_size: int,
+    generator: torch.Generator | None,
+) -> list[np.ndarray]:
+    """Split ``positions`` into batches of bags of similar size.
+
+    With a generator the positions are shuffled first, each window of ``BUCKET_BATCHES``
+    batches is sorted by size, and the batch order is shuffled again. Without one, all
+    positions are sorted by size, for inference, where order does not matter.
+    """
+    if generator is None:
+        order = np.argsort(lengths[positions], kind="stable")
+        ordered = positions[order]
+        return [ordered[i : i + batch_size] for i in range(0, len(ordered), batch_size)]
+    shuffled = positions[torch.randperm(len(positions), generator=generator).numpy()]
+    window = batch_size * BUCKET_BATCHES
+    batches = []
+    for start in range(0, len(shuffled), window):
+        chunk = shuffled[start : start + window]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        batches += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = torch.randperm(len(batches), generator=generator).tolist()
+    return [batches[i] for i in order]
+
+
 def iterate_batches(
     bags: Sequence[Tensor],
     positions: np.ndarray,
@@ -53,16 +85,14 @@ def iterate_batches(
     generator: torch.Generator | None = None,
     max_instances: int | None = None,
 ) -> Iterator[tuple[np.ndarray, Tensor, Tensor]]:
-    """Yield ``(positions, features [B, N, D], mask [B, N])`` batches of bags.
+    """Yield ``(positions, features [B, N, D], mask [B, N])`` batches of bags of similar size.
 
-    With a ``generator`` the bag order is shuffled and bags larger than ``max_instances`` are
-    randomly subsampled; without one the order is kept and every instance is used.
+    With a ``generator`` the batches come in random order and bags larger than
+    ``max_instances`` are randomly subsampled. Without one, every instance is used and each
+    position appears once, in batches ordered by bag size.
     """
-    if generator is not None:
-        order = torch.randperm(len(positions), generator=generator).numpy()
-        positions = positions[order]
-    for start in range(0, len(positions), batch_size):
-        batch_positions = positions[start : start + batch_size]
+    lengths = np.array([len(bag) for bag in bags])
+    for batch_positions in _bucketed(np.asarray(positions), lengths, batch_size, generator):
         batch = []
         for position in batch_positions:
             bag = bags[position]
@@ -85,11 +115,13 @@ def _mean_loss(
 ) -> float:
     """Loss over ``positions`` with every instance, weighted like the training loss."""
     model.eval()
-    logits = []
+    logits, order = [], []
     with torch.inference_mode():
-        for _, features, mask in iterate_batches(bags, positions, batch_size):
+        for batch_positions, features, mask in iterate_batches(bags, positions, batch_size):
             logits.append(model(features.to(device), mask.to(device)).logits.float())
-        return float(criterion(torch.cat(logits), labels[positions].to(device)))
+            order.append(batch_positions)
+        targets = labels[np.concatenate(order)].to(device)
+        return float(criterion(torch.cat(logits), targets))
 
 
 def train_head(
@@ -178,12 +210,16 @@ def predict(
     order of the feature file.
     """
     model.eval()
-    probabilities, attention = [], []
+    row_of = {int(position): row for row, position in enumerate(positions)}
+    probabilities: list[np.ndarray] = [np.empty(0)] * len(positions)
+    attention: list[np.ndarray] = [np.empty(0)] * len(positions)
     with torch.inference_mode():
         for batch_positions, features, mask in iterate_batches(bags, positions, batch_size):
             output = model(features.to(device), mask.to(device))
-            probabilities.append(torch.softmax(output.logits.float(), dim=1).cpu())
+            batch_probabilities = torch.softmax(output.logits.float(), dim=1).cpu().numpy()
             weights = output.attention.float().cpu()
             for row, position in enumerate(batch_positions):
-                attention.append(weights[row, : len(bags[position])].numpy())
-    return torch.cat(probabilities).numpy(), attention
+                row_of_bag = row_of[int(position)]
+                probabilities[row_of_bag] = batch_probabilities[row]
+                attention[row_of_bag] = weights[row, : len(bags[position])].numpy()
+    return np.stack(probabilities), attention
