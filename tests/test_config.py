@@ -69,3 +69,10 @@ def test_saved_config_round_trip(tmp_path):
     saved = yaml.safe_load((tmp_path / "resolved.yaml").read_text())
     assert saved == to_dict(config)
     assert load_config(RunConfig, tmp_path / "resolved.yaml") == config
+
+
+def test_float_accepts_exponent_without_dot():
+    config = load_config(RunConfig, None, ["optim.lr=1e-3"])
+    assert config.optim.lr == 0.001
+    with pytest.raises(ConfigError, match="optim.lr: expected a number, got 'fast'"):
+        load_config(RunConfig, None, ["optim.lr=fast"])
