@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
@@ -27,3 +28,23 @@ def shared_data() -> Path:
     if path is None:
         pytest.skip("real cytology data not found: set CYTOFM_DATA or place it at ../shared/data")
     return path
+
+
+@pytest.fixture(autouse=True)
+def restore_root_logging():
+    """Put back the root logger's handlers after a test that ran a command's ``main``.
+
+    The commands install a console and a log-file handler on the root logger; later tests
+    need pytest's own handlers, and the log files must be closed.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    yield
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    for handler in handlers:
+        if handler not in root.handlers:
+            root.addHandler(handler)
+    root.setLevel(level)

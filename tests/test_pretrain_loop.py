@@ -214,23 +214,7 @@ def test_selected_tokens_match_full_forward(init_values):
         assert torch.allclose(selected_grads[name], param.grad, atol=1e-5), name
 
 
-@pytest.fixture
-def restore_root_logger():
-    # The command installs its own handlers on the root logger; later tests need pytest's.
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
-
-
-def test_cli_trains_and_rejects_bad_keys(images, tmp_path, capsys, restore_root_logger):
+def test_cli_trains_and_rejects_bad_keys(images, tmp_path, capsys):
     config_file = tmp_path / "tiny.yaml"
     config_file.write_text("run:\n  max_steps: 2\n")
     output_dir = tmp_path / "run"

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 from threadpoolctl import threadpool_limits
@@ -11,22 +9,6 @@ from threadpoolctl import threadpool_limits
 from cytofm.cli.visualize import LOG_NAME, main
 from tests.test_visualize_mil import HEIGHT, WIDTH, make_run
 from tests.visualize_fixtures import write_feature_set, write_noise_image, write_tiny_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def restore_root_logging():
-    # main() replaces the root handlers with a console and a log file; put the old ones back.
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
 
 
 def test_attention_command_writes_figure_and_log(tmp_path):

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import logging
 
 import pytest
 from PIL import Image
@@ -14,22 +13,6 @@ from cytofm.cli.eval_mil import main as eval_main
 from cytofm.cli.extract import main as extract_main
 from cytofm.cli.visualize import LOG_NAME, main
 from tests.visualize_fixtures import write_tiny_checkpoint
-
-
-@pytest.fixture(autouse=True)
-def restore_root_logging():
-    # Every CLI main() replaces the root handlers; put the test runner's back afterwards.
-    root = logging.getLogger()
-    handlers, level = list(root.handlers), root.level
-    yield
-    for handler in list(root.handlers):
-        if handler not in handlers:
-            root.removeHandler(handler)
-            handler.close()
-    for handler in handlers:
-        if handler not in root.handlers:
-            root.addHandler(handler)
-    root.setLevel(level)
 
 
 @pytest.mark.slow
