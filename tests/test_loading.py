@@ -290,3 +290,40 @@ def test_malicious_pickle_rejected(tmp_path):
     with pytest.raises(UnsafeCheckpointError, match="trust_pickle=True"):
         load_backbone(path)
     assert not marker.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"", "is empty"),
+        (b"model:\n  depth: 12\n", "not a readable PyTorch checkpoint"),
+        (bytes(range(256)) * 20, "not a readable PyTorch checkpoint"),
+    ],
+    ids=["empty", "yaml", "random-bytes"],
+)
+def test_non_checkpoint_files_named(tmp_path, content, expected):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=expected) as raised:
+        load_backbone(path)
+    assert "weights.pth" in str(raised.value)
+    assert not isinstance(raised.value, UnsafeCheckpointError)
+    assert "trust_pickle" not in str(raised.value)
+
+
+def test_directory_rejected(tmp_path):
+    folder = tmp_path / "model.pth"
+    folder.mkdir()
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_backbone(folder)
+
+
+def test_unsafe_pickle_hint_names_options(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"payload": _Exploit(tmp_path / "marker")}, path)
+    with pytest.raises(UnsafeCheckpointError) as raised:
+        load_backbone(path)
+    message = str(raised.value)
+    assert "backbone.trust_pickle=true" in message
+    assert "--trust-pickle" in message
+    assert "\x1b[" not in message

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import os
+import signal
 
 import pytest
 import torch
@@ -254,3 +256,42 @@ def test_bf16_autocast_close_to_fp32(images, tmp_path):
     assert half.precision.name == "bf16"
     assert logged_losses(half) == pytest.approx(logged_losses(full), rel=0.05)
     assert logged_losses(half) != logged_losses(full)
+
+
+def test_sigterm_saves_checkpoint_and_stops(images, tmp_path, caplog):
+    output_dir = tmp_path / "run"
+    trainer = PretrainTrainer(
+        tiny_config(images, output_dir, **{"run.max_steps": 6, "run.save_every_steps": 100}),
+        CPU,
+    )
+    healthy_step = trainer.train_step
+    calls = []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        result = healthy_step(*args, **kwargs)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    trainer.train_step = step_then_signal
+    with caplog.at_level(logging.WARNING, logger="cytofm.pretrain.trainer"):
+        result = trainer.train()
+    assert result.step == 2
+    assert [step for step, _ in list_checkpoints(output_dir)] == [2]
+    assert "received SIGTERM" in caplog.text
+    # The default handler is back, so a later SIGTERM would end the process as usual.
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_resume_with_changed_config_keeps_old(images, tmp_path, caplog):
+    output_dir = tmp_path / "run"
+    run_tiny(images, output_dir, **{"run.max_steps": 1})
+    first = (output_dir / "config.yaml").read_text()
+    config = tiny_config(images, output_dir, **{"run.max_steps": 2, "optim.lr": 0.123})
+    with caplog.at_level(logging.WARNING, logger="cytofm.pretrain.trainer"):
+        PretrainTrainer(config, CPU).train()
+    assert "config changed on resume at step 1" in caplog.text
+    assert "optim.lr" in caplog.text
+    assert (output_dir / "config.before-step1.yaml").read_text() == first
+    assert "lr: 0.123" in (output_dir / "config.yaml").read_text()

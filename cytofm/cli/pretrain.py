@@ -47,6 +47,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     # Imported here so that --help returns without loading torch.
+    from cytofm.data.pretrain_dataset import DataLoadingError
     from cytofm.pretrain.config import load_pretrain_config
     from cytofm.pretrain.distributed import init_distributed, shutdown
     from cytofm.pretrain.trainer import NonFiniteLossError, PretrainTrainer
@@ -59,7 +60,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         logger.error("invalid config: %s", error)
         return 2
 
-    context = init_distributed(config.run.device)
+    try:
+        context = init_distributed(config.run.device)
+    except ValueError as error:  # e.g. run.device=cuda on a machine without CUDA
+        setup_logging()
+        logger.error("cannot start the run: %s", error)
+        return 2
     setup_logging(config.run.output_dir / "train.log", rank=context.rank)
     try:
         try:
@@ -68,13 +74,29 @@ def main(argv: Sequence[str] | None = None) -> int:
             # Missing image folders, empty sources or a checkpoint that does not fit the config.
             logger.error("cannot start the run: %s", error)
             return 2
+        except RuntimeError as error:
+            # load_state_dict raises RuntimeError when the model section changed since the
+            # checkpoint was written.
+            logger.error(
+                "cannot resume from %s: the checkpoint does not fit the config (%s). Use a new "
+                "run.output_dir or the model settings the run started with",
+                config.run.output_dir,
+                str(error).splitlines()[0],
+            )
+            return 2
         result = trainer.train()
     except NonFiniteLossError as error:
         logger.error("%s", error)
         return 1
+    except DataLoadingError as error:
+        logger.error("data loading failed: %s", str(error).strip().splitlines()[-1])
+        return 1
     finally:
         shutdown(context)
-    logger.info("done: step %d, last checkpoint %s", result.step, result.checkpoint)
+    if result.checkpoint is not None:
+        logger.info("done: step %d, last checkpoint %s", result.step, result.checkpoint)
+    else:
+        logger.info("done: step %d", result.step)
     return 0
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import pickle
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -97,8 +98,12 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
         CheckpointError: The file is not a readable checkpoint.
     """
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path} is a directory: pass the checkpoint file inside it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path} is empty (0 bytes): not a checkpoint")
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
@@ -108,19 +113,40 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
             raise CheckpointError(f"{path}: not a readable safetensors file ({error})") from error
     if trust_pickle:
         logger.warning("Unpickling %s without restrictions (trust_pickle=True)", path)
-        return torch.load(path, map_location="cpu", weights_only=False)
+        try:
+            return torch.load(path, map_location="cpu", weights_only=False)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, KeyError, ValueError) as error:
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})"
+            ) from error
     try:
         with torch.serialization.safe_globals([argparse.Namespace, *_numpy_allow_list()]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
+        if "global" not in str(error).lower():
+            # Not a pickle at all (e.g. "invalid load key"): trusting it would not help.
+            raise CheckpointError(
+                f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})"
+            ) from error
         raise UnsafeCheckpointError(
             f"{path}: the checkpoint's pickle refers to objects outside the allow-list "
-            f"(tensors, argparse.Namespace, numpy scalars), so it was not loaded. Details: "
-            f"{str(error).splitlines()[0]}. If you trust this file, load it with "
-            f"trust_pickle=True (command line: --trust-pickle); a pickle can run arbitrary code."
+            f"(tensors, argparse.Namespace, numpy scalars), so it was not loaded: "
+            f"{_first_line(error)}. If you trust this file, allow unrestricted unpickling: "
+            f"load_backbone(..., trust_pickle=True), backbone.trust_pickle=true for "
+            f"cytofm-extract, --trust-pickle for cytofm-visualize. A pickle can run arbitrary "
+            f"code."
         ) from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise CheckpointError(f"{path}: not a readable PyTorch checkpoint ({error})") from error
+    except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: "
+            f"{_first_line(error)})"
+        ) from error
+
+
+def _first_line(error: BaseException) -> str:
+    """Return the first line of an exception message without terminal colour codes."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error)).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _is_tensor_dict(obj: Any) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import math
+import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import yaml
 from torch import nn
 from tqdm import tqdm
 
@@ -331,6 +333,55 @@ class PretrainTrainer:
             "model": backbone_arguments(self.config.model, self.teacher.backbone),
         }
 
+    def _install_stop_handlers(self) -> dict[int, Any]:
+        """Catch SIGTERM and SIGUSR1 (sent by SLURM before preemption or time-out).
+
+        The handler only records the signal; the loop saves a checkpoint after the current
+        step and returns, so a requeued job resumes from there. Handlers can only be set from
+        the main thread; elsewhere (a notebook's worker thread) nothing is installed.
+        """
+        self._stop_signal: int | None = None
+        previous: dict[int, Any] = {}
+
+        def record(signal_number: int, frame: Any) -> None:
+            self._stop_signal = signal_number
+
+        for signal_number in (signal.SIGTERM, signal.SIGUSR1):
+            try:
+                previous[signal_number] = signal.signal(signal_number, record)
+            except ValueError:  # not the main thread
+                break
+        return previous
+
+    def _stop_requested(self) -> bool:
+        """Whether any rank received a stop signal; every rank then stops at the same step."""
+        requested = getattr(self, "_stop_signal", None) is not None
+        if self.context.world_size > 1:
+            flag = torch.tensor([float(requested)], device=self.device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            if flag.item() > 0 and not requested:
+                self._stop_signal = int(signal.SIGTERM)
+            requested = flag.item() > 0
+        return requested
+
+    def _save_resolved_config(self) -> None:
+        """Write ``config.yaml``; on resume, keep a differing earlier one and log the changes."""
+        path = self.output_dir / "config.yaml"
+        current = to_dict(self.config)
+        if path.is_file():
+            previous = yaml.safe_load(path.read_text()) or {}
+            changes = _changed_keys(previous, current)
+            if changes:
+                kept = path.with_name(f"config.before-step{self.step}.yaml")
+                path.replace(kept)
+                logger.warning(
+                    "config changed on resume at step %d: %s; the earlier config is kept as %s",
+                    self.step,
+                    ", ".join(changes[:10]) + (" ..." if len(changes) > 10 else ""),
+                    kept.name,
+                )
+        save_config(self.config, path)
+
     def save(self) -> None:
         """Write a checkpoint from rank 0; every rank waits until it is on disk."""
         if self.context.is_main:
@@ -474,7 +525,7 @@ class PretrainTrainer:
         """
         config = self.config
         if self.context.is_main:
-            save_config(config, self.output_dir / "config.yaml")
+            self._save_resolved_config()
         stop = self.stop_step()
         losses: dict[str, float] = {}
         if self.step >= stop:
@@ -499,8 +550,9 @@ class PretrainTrainer:
         self.student.train()
         self.teacher.train()
         window_start, window_steps = time.perf_counter(), 0
+        previous_handlers = self._install_stop_handlers()
         try:
-            while self.step < stop:
+            while self.step < stop and not self._stop_requested():
                 epoch = self.epoch
                 sampler = self.data.sampler
                 sampler.set_epoch(epoch)
@@ -522,16 +574,39 @@ class PretrainTrainer:
                         images_per_second = window_steps * self.global_batch_size / elapsed
                         self.metrics.log_step(self.step, result, images_per_second)
                         window_start, window_steps = time.perf_counter(), 0
+                    stopping = self._stop_requested()
                     if (
                         self.step % config.run.save_every_steps == 0
                         or end_of_epoch
                         or self.step == stop
+                        or stopping
                     ):
                         self.save()
-                    if end_of_epoch or self.step >= stop:
+                    if stopping:
+                        logger.warning(
+                            "received %s: saved a checkpoint at step %d and stopped; run the "
+                            "same command again to resume",
+                            signal.Signals(self._stop_signal).name,
+                            self.step,
+                        )
+                    if end_of_epoch or self.step >= stop or stopping:
                         break
         finally:
+            for signal_number, handler in previous_handlers.items():
+                signal.signal(signal_number, handler)
             progress.close()
             self.metrics.close()
         logger.info("stopped at step %d (epoch %d)", self.step, self.epoch)
         return TrainResult(self.step, self.epoch, losses, self.last_checkpoint)
+
+
+def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """List dotted keys whose values differ between two nested config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            changed += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return changed
+    if old != new:
+        return [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+    return []
