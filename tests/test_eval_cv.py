@@ -14,7 +14,12 @@ from cytofm.cli.eval_mil import main as eval_mil_main
 from cytofm.config import load_config
 from cytofm.evaluation.config import EvalConfig
 from cytofm.evaluation.cross_validation import run_cross_validation
-from cytofm.evaluation.feature_store import read_index, safe_file_name, save_bag_features
+from cytofm.evaluation.feature_store import (
+    FeatureSet,
+    read_index,
+    safe_file_name,
+    save_bag_features,
+)
 from cytofm.evaluation.metrics import auroc, classification_metrics, summarize
 from cytofm.evaluation.splits import cross_validation_folds, train_validation_split
 from cytofm.evaluation.synthetic import planted_signal_bags, write_feature_set
@@ -157,8 +162,10 @@ def test_empty_bag_error_names_bag(tmp_path):
         torch.zeros(0, 4, dtype=torch.int64),
     )
     config = _config(tmp_path, {"set": folder}, ["folds=2"])
-    with pytest.raises(ValueError, match="bag 'case 0005/slide' has no instances"):
+    with pytest.raises(ValueError, match="bag 'case 0005/slide' has no instances") as caught:
         run_cross_validation(config)
+    assert "tile_size" in str(caught.value)
+    assert "bags.background_threshold" in str(caught.value)
 
 
 def test_missing_label_error_names_bag(tmp_path):
@@ -255,3 +262,110 @@ def test_index_round_trip(tmp_path):
     assert [row.num_instances for row in rows] == [len(bag) for bag in data.bags]
     assert len({row.file for row in rows}) == 4
     assert all("/" not in row.file and " " not in row.file for row in rows)
+
+
+def _write_labels(path, pairs):
+    with path.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["bag_id", "label"])
+        writer.writerows(pairs)
+    return path
+
+
+def test_labelled_bag_without_features_raises(tmp_path):
+    data = planted_signal_bags(12, seed=9)
+    folder = write_feature_set(tmp_path / "set", data)
+    ghosts = [(f"ghost {i}", "positive") for i in range(7)]
+    labels_csv = _write_labels(tmp_path / "labels.csv", [*zip(data.bag_ids, data.labels), *ghosts])
+    config = _config(tmp_path, {"set": folder}, ["folds=2", f"labels.csv={labels_csv}"])
+    with pytest.raises(ValueError, match="7 labelled bag") as caught:
+        run_cross_validation(config)
+    message = str(caught.value)
+    assert "'ghost 0'" in message
+    assert "'ghost 6'" not in message  # only the first few ids are listed
+    assert str(folder) in message
+    assert "labels.allow_missing_features" in message
+    config.labels.allow_missing_features = True
+    config.train.epochs = 2
+    assert run_cross_validation(config).num_bags == 12
+
+
+@pytest.mark.parametrize("smaller_first", [True, False])
+def test_feature_sets_with_other_bags_raise(tmp_path, smaller_first):
+    data = planted_signal_bags(12, seed=10)
+    full = write_feature_set(tmp_path / "full", data)
+    data.bag_ids, data.bags = data.bag_ids[:10], data.bags[:10]
+    data.labels, data.groups = data.labels[:10], data.groups[:10]
+    part = write_feature_set(tmp_path / "part", data)
+    folders = {"part": part, "full": full} if smaller_first else {"full": full, "part": part}
+    config = _config(tmp_path, folders, ["folds=2"])
+    with pytest.raises(ValueError, match="'case 0010/slide'") as caught:
+        run_cross_validation(config, tmp_path / "out")
+    message = str(caught.value)
+    assert "'full'" in message
+    assert "'part'" in message
+    assert not (tmp_path / "out" / "full").exists()  # raised before any training
+
+
+def test_missing_second_feature_set_raises_first(tmp_path):
+    folder = write_feature_set(tmp_path / "set", planted_signal_bags(12, seed=11))
+    config = _config(tmp_path, {"set": folder, "gone": tmp_path / "gone"}, ["folds=2"])
+    with pytest.raises(FileNotFoundError, match="gone"):
+        run_cross_validation(config, tmp_path / "out")
+    assert not (tmp_path / "out" / "set").exists()
+
+
+def test_cli_error_has_no_stray_quotes(tmp_path):
+    data = planted_signal_bags(12, seed=12)
+    full = write_feature_set(tmp_path / "full", data)
+    data.bag_ids, data.bags = data.bag_ids[:10], data.bags[:10]
+    data.labels, data.groups = data.labels[:10], data.groups[:10]
+    part = write_feature_set(tmp_path / "part", data)
+    sets = f"feature_sets=[{{name: part, path: {part}}}, {{name: full, path: {full}}}]"
+    out = tmp_path / "out"
+    assert eval_mil_main([f"out={out}", *FAST, "folds=2", sets]) == 1
+    log = (out / "eval.log").read_text()
+    assert "evaluation failed: feature sets" in log
+
+
+def test_non_finite_feature_names_bag_and_file(tmp_path):
+    data = planted_signal_bags(12, seed=13)
+    data.bags[4][2, 1] = float("nan")
+    folder = write_feature_set(tmp_path / "set", data)
+    config = _config(tmp_path, {"set": folder}, ["folds=2"])
+    with pytest.raises(ValueError, match="bag 'case 0004/slide'") as caught:
+        run_cross_validation(config)
+    assert safe_file_name("case 0004/slide") in str(caught.value)
+
+
+def test_truncated_feature_file_names_file(tmp_path):
+    data = planted_signal_bags(12, seed=14)
+    folder = write_feature_set(tmp_path / "set", data)
+    path = folder / "features" / safe_file_name(data.bag_ids[3])
+    path.write_bytes(path.read_bytes()[:100])
+    config = _config(tmp_path, {"set": folder}, ["folds=2"])
+    with pytest.raises(ValueError, match="overwrite=true") as caught:
+        run_cross_validation(config)
+    assert str(path) in str(caught.value)
+
+
+def test_too_few_bags_names_class_label():
+    labels = np.array([0] * 10 + [1] * 5)
+    with pytest.raises(ValueError, match="class 'positive' has 5 bag"):
+        cross_validation_folds(labels, None, 6, seed=0, class_names=["negative", "positive"])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cli_cuda_without_gpu_fails_cleanly(tmp_path):
+    folder = write_feature_set(tmp_path / "set", planted_signal_bags(12, seed=15))
+    out = tmp_path / "out"
+    sets = f"feature_sets=[{{name: set, path: {folder}}}]"
+    assert eval_mil_main([f"out={out}", *FAST, "device=cuda", sets]) == 1
+    assert "CUDA requested but not available" in (out / "eval.log").read_text()
+
+
+def test_unknown_bag_error_without_quotes(tmp_path):
+    folder = write_feature_set(tmp_path / "set", planted_signal_bags(4, seed=16))
+    with pytest.raises(KeyError) as caught:
+        FeatureSet(folder).row("nope")
+    assert str(caught.value) == f"bag 'nope' not found in feature set {folder}"

@@ -314,3 +314,46 @@ def test_real_class_folders_extract(tmp_path, shared_data):
         assert bool(torch.isfinite(record["features"]).all())
         assert int(record["coords"][:, 2].max()) == 640
         assert int(record["coords"][:, 3].max()) == 480
+
+
+def test_all_bags_empty_raises(tmp_path, caplog):
+    bags = make_bags(sizes=(0, 0))
+    with pytest.raises(ValueError, match="all 2 bags have no instances") as caught:
+        extract_bags(bags, HandcraftedExtractor(img_size=None, device=CPU), tmp_path / "set")
+    assert "tile_size" in str(caught.value)
+    assert "bags.background_threshold" in str(caught.value)
+
+
+def test_cli_extract_tile_larger_than_image_fails(tmp_path, caplog):
+    from cytofm.data.demo import generate_demo_set
+
+    demo = tmp_path / "demo"
+    generate_demo_set(demo, num_images=2, image_size=64, seed=0)
+    out = tmp_path / "features"
+    argv = [
+        "bags.kind=image_tiles",
+        f"bags.root={demo}",
+        f"bags.labels_csv={demo / 'labels.csv'}",
+        "bags.tile_size=512",
+        "backbone.source=handcrafted",
+        f"out={out}",
+        "device=cpu",
+    ]
+    assert extract_main(argv) == 1
+    log = (out / "handcrafted" / "extract.log").read_text()
+    assert "extraction failed: all 2 bags have no instances" in log
+    assert "features ready" not in log
+
+
+def test_truncated_file_on_rerun_names_file(tmp_path):
+    bags = make_bags(sizes=(2, 3))
+    extractor = HandcraftedExtractor(img_size=None, device=CPU)
+    folder = tmp_path / "set"
+    extract_bags(bags, extractor, folder)
+    path = folder / "features" / safe_file_name("slide_0")
+    path.write_bytes(path.read_bytes()[:100])
+    with pytest.raises(ValueError, match="overwrite=true") as caught:
+        extract_bags(bags, extractor, folder)
+    assert str(path) in str(caught.value)
+    rows = extract_bags(bags, extractor, folder, overwrite=True)
+    assert [row.num_instances for row in rows] == [2, 3]

@@ -11,7 +11,7 @@ import torch
 
 from cytofm.config import ConfigError, load_config, save_config
 from cytofm.evaluation.config import EvalConfig
-from cytofm.evaluation.cross_validation import run_cross_validation
+from cytofm.evaluation.cross_validation import DeviceUnavailableError, run_cross_validation
 from cytofm.evaluation.report import render_markdown, write_comparison
 from cytofm.utils.logging import setup_logging
 
@@ -56,7 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logger.info("evaluation of %d feature set(s) into %s", len(config.feature_sets), out_dir)
     try:
         result = run_cross_validation(config, out_dir)
-    except (ValueError, KeyError, FileNotFoundError) as error:
+    except (ValueError, KeyError, FileNotFoundError, DeviceUnavailableError) as error:
         logger.error("evaluation failed: %s", error)
         return 1
     rows = write_comparison(result, out_dir)

@@ -45,7 +45,11 @@ def _read_rows(config: LabelsConfig, csv_path: Path) -> list[dict[str, str]]:
 
 
 def load_label_table(
-    config: LabelsConfig, default_csv: Path, feature_bag_ids: list[str]
+    config: LabelsConfig,
+    default_csv: Path,
+    feature_bag_ids: list[str],
+    *,
+    feature_set: str | None = None,
 ) -> LabelTable:
     """Read bag labels and groups and map labels onto classes.
 
@@ -54,9 +58,11 @@ def load_label_table(
         default_csv: labels table used when ``config.csv`` is None (a feature index).
         feature_bag_ids: bags that have features; each needs a label unless
             ``config.drop_unlabelled``.
+        feature_set: the feature set named in errors; None names ``default_csv``'s folder.
 
     Raises:
-        ValueError: a bag without a label (naming it), a label absent from ``mapping`` or
+        ValueError: a bag without a label (naming it), a labelled bag without features unless
+            ``config.allow_missing_features``, a label absent from ``mapping`` or
             ``classes``, duplicated bag ids, a bag with a group missing while others have one,
             or fewer than two classes.
     """
@@ -73,6 +79,13 @@ def load_label_table(
         if has_groups:
             raw_groups[bag_id] = (row[config.group_column] or "").strip()
 
+    _check_labelled_bags_have_features(
+        config,
+        csv_path,
+        raw_labels,
+        feature_bag_ids,
+        feature_set or str(default_csv.parent),
+    )
     bag_ids: list[str] = []
     for bag_id in feature_bag_ids:
         if not raw_labels.get(bag_id):
@@ -122,6 +135,43 @@ def load_label_table(
     return LabelTable(kept, labels, groups, class_names)
 
 
+def _check_labelled_bags_have_features(
+    config: LabelsConfig,
+    csv_path: Path,
+    raw_labels: dict[str, str],
+    feature_bag_ids: list[str],
+    feature_set: str,
+) -> None:
+    """Raise unless every bag with a label (not mapped to null) has features."""
+    have_features = set(feature_bag_ids)
+    missing = []
+    for bag_id, raw in raw_labels.items():
+        if not raw or bag_id in have_features:
+            continue
+        if config.mapping is not None and config.mapping.get(raw, "") is None:
+            continue
+        missing.append(bag_id)
+    if not missing:
+        return
+    examples = ", ".join(repr(bag_id) for bag_id in missing[:5])
+    more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+    if config.allow_missing_features:
+        logger.warning(
+            "%d labelled bag(s) of %s have no features in %s and are left out: %s%s",
+            len(missing),
+            csv_path,
+            feature_set,
+            examples,
+            more,
+        )
+        return
+    raise ValueError(
+        f"{len(missing)} labelled bag(s) of {csv_path} have no features in the feature set "
+        f"{feature_set}: {examples}{more}; extract them, remove them from the "
+        "labels, or set labels.allow_missing_features=true"
+    )
+
+
 @dataclass
 class LoadedFeatures:
     """Instance features of one feature set, aligned with a :class:`LabelTable`.
@@ -152,12 +202,22 @@ def _token_boxes(tile_boxes: Tensor, grid: tuple[int, int]) -> Tensor:
     return boxes.round().long().reshape(-1, 4)
 
 
+def _check_finite(values: Tensor, bag_id: str, file: Path, what: str) -> None:
+    if not bool(torch.isfinite(values).all()):
+        bad = int((~torch.isfinite(values)).sum())
+        raise ValueError(
+            f"bag {bag_id!r} has {bad} non-finite value(s) in its {what} ({file}); extract "
+            "it again with overwrite=true, e.g. with precision=fp32"
+        )
+
+
 def load_features(feature_set: FeatureSetConfig, bag_ids: list[str]) -> LoadedFeatures:
     """Load the features of ``bag_ids`` from a feature set folder.
 
     Raises:
-        KeyError: a bag has no features in this set (naming the bag and the folder).
-        ValueError: a bag has no instances, patch tokens are requested but were not
+        BagNotFoundError: a bag has no features in this set (naming the bag and the folder).
+        ValueError: a bag has no instances or non-finite values, a file cannot be read,
+            patch tokens are requested but were not
             extracted, or the feature size differs between bags.
     """
     store = FeatureSet(feature_set.path)
@@ -167,9 +227,11 @@ def load_features(feature_set: FeatureSetConfig, bag_ids: list[str]) -> LoadedFe
         file = store.root / "features" / store.row(bag_id).file
         if record["features"].shape[0] == 0:
             raise ValueError(
-                f"bag {bag_id!r} has no instances ({file}); extract it again with a lower "
-                "bags.background_threshold, or leave it out with a labels.csv without it and "
-                "labels.drop_unlabelled=true"
+                f"bag {bag_id!r} has no instances ({file}): its image is smaller than "
+                "bags.tile_size (the padding counts as glass), or bags.background_threshold "
+                "dropped every tile. Extract it "
+                "again with a smaller tile_size or a higher background_threshold, or leave it "
+                "out with a labels.csv without it and labels.drop_unlabelled=true"
             )
         if feature_set.instances == "patch_tokens":
             if "patch_tokens" not in record or "patch_grid" not in record:
@@ -178,10 +240,12 @@ def load_features(feature_set: FeatureSetConfig, bag_ids: list[str]) -> LoadedFe
                     "patch_tokens=true or use instances=tiles"
                 )
             tokens = record["patch_tokens"]
+            _check_finite(tokens, bag_id, file, "patch tokens")
             grid = tuple(int(size) for size in record["patch_grid"].tolist())
             bags.append(tokens.reshape(-1, tokens.shape[-1]).float())
             coords.append(_token_boxes(record["coords"], grid))
         else:
+            _check_finite(record["features"], bag_id, file, "features")
             bags.append(record["features"].float())
             coords.append(record["coords"])
     dims = {bag.shape[1] for bag in bags}

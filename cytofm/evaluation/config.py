@@ -40,6 +40,8 @@ class LabelsConfig:
             null leaves those bags out. Labels missing from a given mapping are an error.
         classes: class order for outputs; None sorts the class names.
         drop_unlabelled: leave out bags that have features but no label, instead of raising.
+        allow_missing_features: leave out labelled bags of ``csv`` that have no features,
+            instead of raising.
     """
 
     csv: Path | None = None
@@ -49,6 +51,7 @@ class LabelsConfig:
     mapping: dict | None = None
     classes: list[str] | None = None
     drop_unlabelled: bool = False
+    allow_missing_features: bool = False
 
 
 @dataclass

@@ -61,13 +61,23 @@ class CrossValidationResult:
     num_bags: int
 
 
+class DeviceUnavailableError(RuntimeError):
+    """The configured device does not exist on this machine."""
+
+
 def resolve_device(name: str) -> torch.device:
-    """Turn ``auto`` into CUDA when available (else CPU); other names pass to torch.device."""
+    """Turn ``auto`` into CUDA when available (else CPU); other names pass to torch.device.
+
+    Raises:
+        DeviceUnavailableError: a CUDA device is requested but CUDA is not available.
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError(f"device {name!r} requested but CUDA is not available; use device=cpu")
+        raise DeviceUnavailableError(
+            f"CUDA requested but not available (device={name}); use device=cpu or auto"
+        )
     return device
 
 
@@ -77,11 +87,50 @@ def fold_seed(seed: int, fold: int) -> int:
 
 
 def load_task(config: EvalConfig) -> LabelTable:
-    """Read the labels of the bags of the first feature set, as configured."""
+    """Check the feature sets and read the labels of their bags, as configured.
+
+    Every feature set is opened here, before any training, so a missing folder or a set with
+    different bags fails at once.
+
+    Raises:
+        FileNotFoundError: a feature set folder or its index is missing.
+        ValueError: the feature sets do not all contain the same bag ids, or a label error
+            of :func:`load_label_table`.
+    """
     if not config.feature_sets:
         raise ValueError("feature_sets is empty; list at least one {name, path} to evaluate")
-    first = FeatureSet(config.feature_sets[0].path)
-    return load_label_table(config.labels, first.root / "index.csv", first.bag_ids)
+    stores = [FeatureSet(feature_set.path) for feature_set in config.feature_sets]
+    check_same_bags(config, stores)
+    first, store = config.feature_sets[0], stores[0]
+    return load_label_table(
+        config.labels,
+        store.root / "index.csv",
+        store.bag_ids,
+        feature_set=f"{first.name!r} ({store.root})",
+    )
+
+
+def check_same_bags(config: EvalConfig, stores: list[FeatureSet]) -> None:
+    """Raise a ValueError naming the sets and example ids when two sets contain different bags."""
+    reference = set(stores[0].bag_ids)
+    first = config.feature_sets[0]
+    for feature_set, store in zip(config.feature_sets[1:], stores[1:]):
+        ids = set(store.bag_ids)
+        if ids == reference:
+            continue
+        only_first = sorted(reference - ids)
+        only_other = sorted(ids - reference)
+        parts = []
+        for name, missing in ((feature_set.name, only_first), (first.name, only_other)):
+            if missing:
+                examples = ", ".join(repr(bag_id) for bag_id in missing[:5])
+                more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+                parts.append(f"{len(missing)} bag(s) missing from {name!r}: {examples}{more}")
+        raise ValueError(
+            f"feature sets {first.name!r} ({stores[0].root}) and {feature_set.name!r} "
+            f"({store.root}) contain different bags ({'; '.join(parts)}); extract every "
+            "set from the same bags"
+        )
 
 
 Splits = dict[int, list[tuple[tuple[np.ndarray, np.ndarray], np.ndarray]]]
@@ -91,7 +140,9 @@ def build_splits(table: LabelTable, config: EvalConfig) -> Splits:
     """Per seed, the folds as ``((train, validation), test)`` positions into ``table``."""
     splits: Splits = {}
     for seed in config.seeds:
-        folds = cross_validation_folds(table.labels, table.groups, config.folds, seed)
+        folds = cross_validation_folds(
+            table.labels, table.groups, config.folds, seed, class_names=table.class_names
+        )
         splits[seed] = []
         for fold, (train, test) in enumerate(folds):
             inner = train_validation_split(
@@ -177,9 +228,11 @@ def run_cross_validation(
     ``out_dir/<feature set>/<head>/seed<s>/fold<k>/`` when ``out_dir`` is given.
 
     Raises:
-        ValueError: on an empty bag, a missing label or too few bags per class or group
-            (each message names the bag, label or value).
-        KeyError: a labelled bag has no features in one of the sets.
+        ValueError: on an empty or unreadable bag, a missing label, feature sets with
+            different bags, or too few bags per class or group (each message names the bag,
+            label or value).
+        FileNotFoundError: a feature set folder, index or feature file is missing.
+        DeviceUnavailableError: CUDA is requested but not available.
     """
     device = resolve_device(config.device)
     table = load_task(config)

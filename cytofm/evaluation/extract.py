@@ -160,7 +160,7 @@ def _write_bag(bag: Bag, buffer: _BagBuffer, path: Path, embed_dim: int) -> int:
         # retry it; cytofm-eval-mil raises on it, naming the bag.
         logger.warning(
             "bag %r has no instances: every tile was background or the image is smaller than "
-            "a tile. Lower bags.background_threshold or leave the bag out of the labels",
+            "a tile. Raise bags.background_threshold or leave the bag out of the labels",
             bag.bag_id,
         )
         empty = torch.zeros(0, embed_dim)
@@ -218,9 +218,12 @@ def extract_bags(
     Bags whose file exists are skipped unless ``overwrite``.
 
     A bag without instances gets an empty file and a warning; the evaluation raises on it.
+    When every bag is empty the files and index are still written, then a ValueError is
+    raised.
 
     Raises:
-        ValueError: the folder contains features of another configuration.
+        ValueError: the folder contains features of another configuration, every bag is
+            empty, or an existing feature file cannot be read.
         FloatingPointError: non-finite features, naming the bag.
         RuntimeError: a tile could not be read, naming the bag.
     """
@@ -259,6 +262,14 @@ def extract_bags(
     write_index(rows, folder / "index.csv")
     logger.info("%d bags, %d instances in %s", len(rows), sum(counts.values()), folder)
     empty = [row.bag_id for row in rows if row.num_instances == 0]
+    if empty and len(empty) == len(rows):
+        raise ValueError(
+            f"all {len(rows)} bags have no instances because every tile was dropped as "
+            "background: bags.tile_size is probably larger than the images (the white padding "
+            "counts as glass), or bags.background_threshold is too low. Use a smaller "
+            "tile_size or a higher background_threshold (1.0 keeps every tile), then extract "
+            "again with overwrite=true"
+        )
     if empty:
         logger.warning("%d bag(s) have no instances: %s", len(empty), ", ".join(empty[:20]))
     return rows

@@ -21,6 +21,7 @@ import csv
 import hashlib
 import io
 import json
+import pickle
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -89,12 +90,21 @@ def load_bag_features(path: str | Path, *, mmap: bool = False) -> dict[str, Tens
 
     Raises:
         FileNotFoundError: the file does not exist.
-        ValueError: the file lacks ``features`` or ``coords`` or their shapes disagree.
+        ValueError: the file cannot be read (e.g. truncated), lacks ``features`` or
+            ``coords``, or their shapes disagree.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature file not found: {path}")
-    record = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    try:
+        record = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as error:
+        # torch reports a truncated file as "PytorchStreamReader failed ..." without the path.
+        reason = str(error).split(". ")[0].strip()
+        raise ValueError(
+            f"{path}: feature file is corrupt or truncated ({reason}); extract the feature "
+            "set again with overwrite=true"
+        ) from error
     if not isinstance(record, dict) or "features" not in record or "coords" not in record:
         raise ValueError(f"{path}: not a feature file (expected keys 'features' and 'coords')")
     features, coords = record["features"], record["coords"]
@@ -166,6 +176,14 @@ def read_meta(path: str | Path) -> dict[str, Any]:
     return meta
 
 
+class BagNotFoundError(KeyError):
+    """A bag id absent from a feature set's index."""
+
+    def __str__(self) -> str:
+        # KeyError's own str() wraps the message in quotes.
+        return str(self.args[0]) if self.args else ""
+
+
 class FeatureSet:
     """A feature set folder opened for reading.
 
@@ -192,11 +210,11 @@ class FeatureSet:
         return [row.bag_id for row in self.rows]
 
     def row(self, bag_id: str) -> IndexRow:
-        """Return the index row of ``bag_id``; raises KeyError naming the bag and folder."""
+        """Return the index row of ``bag_id``; raises BagNotFoundError naming the bag and folder."""
         try:
             return self._by_id[bag_id]
         except KeyError:
-            raise KeyError(f"bag {bag_id!r} not found in feature set {self.root}") from None
+            raise BagNotFoundError(f"bag {bag_id!r} not found in feature set {self.root}") from None
 
     def load(self, bag_id: str, *, mmap: bool = True) -> dict[str, Tensor]:
         """Load the feature file of ``bag_id`` (memory-mapped by default)."""

@@ -24,11 +24,14 @@ def cross_validation_folds(
     groups: Sequence[str] | np.ndarray | None,
     n_splits: int,
     seed: int,
+    *,
+    class_names: Sequence[str] | None = None,
 ) -> list[Split]:
     """Split bag positions into ``n_splits`` (train, test) folds.
 
     Folds are stratified by label; when ``groups`` is given, all bags of one group land in
-    the same test fold. The same seed always gives the same folds.
+    the same test fold. The same seed always gives the same folds. ``class_names`` (indexed
+    by label) only serve error messages.
 
     Raises:
         ValueError: fewer groups (or bags) than folds, or a class with fewer bags than folds.
@@ -40,8 +43,9 @@ def cross_validation_folds(
     present = counts[counts > 0]
     if present.min() < n_splits:
         smallest = int(np.flatnonzero(counts == present.min())[0])
+        name = repr(class_names[smallest]) if class_names is not None else str(smallest)
         raise ValueError(
-            f"class {smallest} has {present.min()} bag(s), fewer than folds={n_splits}; "
+            f"class {name} has {present.min()} bag(s), fewer than folds={n_splits}; "
             "lower the number of folds or merge classes with labels.mapping"
         )
     group_array = None if groups is None else np.asarray(groups)
