@@ -327,3 +327,21 @@ def test_unsafe_pickle_hint_names_options(tmp_path):
     assert "backbone.trust_pickle=true" in message
     assert "--trust-pickle" in message
     assert "\x1b[" not in message
+
+
+def test_recorded_depth_wins_over_preset(tmp_path):
+    torch.manual_seed(14)
+    model = build_vit("vit_tiny", depth=2, patch_size=16, img_size=32).eval()
+    path = tmp_path / "shallow_tiny.pt"
+    torch.save(
+        {
+            "format": "cytofm-pretrain",
+            "teacher": model.state_dict(),
+            "student": model.state_dict(),
+            "model": {"arch": "vit_tiny", "embed_dim": 192, "depth": 2, "num_heads": 3},
+        },
+        path,
+    )
+    loaded = load_backbone(path)
+    assert loaded.spec.depth == 2
+    assert_same_outputs(loaded, model, size=32)

@@ -93,10 +93,12 @@ def infer_spec(state_dict: dict[str, torch.Tensor], hints: dict[str, Any] | None
     preset = ARCHITECTURES.get(arch.replace("deit_", "vit_")) if isinstance(arch, str) else None
     if preset is not None and preset[0] == embed_dim:
         num_heads = num_heads or preset[2]
-        # A checkpoint that names its preset but lacks its last blocks is truncated.
-        depth = max(depth, preset[1])
     if hints.get("depth") is not None:
+        # A checkpoint that records its depth but lacks its last blocks is truncated.
         depth = max(depth, int(hints["depth"]))
+    elif preset is not None and preset[0] == embed_dim:
+        # Likewise for a checkpoint that only names its preset (iBOT and DINO `args.arch`).
+        depth = max(depth, preset[1])
     if num_heads is None:
         num_heads = max(1, embed_dim // 64)
     spec = ViTSpec(
