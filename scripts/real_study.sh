@@ -4,7 +4,7 @@
 # the same shape and a handcrafted descriptor. Every step skips work already done, so the
 # script can be rerun after an interruption.
 # Usage: bash scripts/real_study.sh DATA_DIR [OUT_DIR, default outputs/real] [EXTRA ...]
-#   DATA_DIR holds rbc-smears/, pbc/, cric/ and rbc-diseases/ (see docs/results.md).
+#   DATA_DIR contains rbc-smears/, pbc/, cric/ and rbc-diseases/ (see docs/results.md).
 #   EXTRA feature sets, e.g. uni=/models/uni.bin, are extracted with load_backbone and added
 #   to every table.
 set -euo pipefail

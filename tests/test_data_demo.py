@@ -56,7 +56,8 @@ def test_demo_labels_match_cells(tmp_path):
         abnormal_per_bag[row["bag_id"]] += int(row["abnormal"])
         cells_per_bag[row["bag_id"]] += 1
         x0, y0, x1, y1 = (int(row[key]) for key in ("x0", "y0", "x1", "y1"))
-        assert 0 <= x0 < x1 <= 256 and 0 <= y0 < y1 <= 256
+        assert 0 <= x0 < x1 <= 256
+        assert 0 <= y0 < y1 <= 256
     for bag_id, label in labels.items():
         assert label == ("positive" if abnormal_per_bag[bag_id] > 0 else "negative")
         assert abnormal_per_bag[bag_id] <= 3
@@ -83,7 +84,8 @@ def test_demo_abnormal_nuclei_darker(tmp_path):
 def test_demo_positive_fraction_extremes(tmp_path):
     none = generate_demo_set(tmp_path / "n", num_images=6, image_size=64, positive_fraction=0.0)
     every = generate_demo_set(tmp_path / "p", num_images=6, image_size=64, positive_fraction=1.0)
-    assert none.num_positive == 0 and none.num_abnormal_cells == 0
+    assert none.num_positive == 0
+    assert none.num_abnormal_cells == 0
     assert every.num_positive == 6
 
 

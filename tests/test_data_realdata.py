@@ -38,7 +38,8 @@ def test_real_sources_mix(shared_data):
     sampler = MixtureSampler(dataset, samples_per_epoch=8, seed=0)
     for key in sampler:
         field = dataset[key]
-        assert field.ndim == 3 and field.shape[2] == 3
+        assert field.ndim == 3
+        assert field.shape[2] == 3
         assert max(field.shape[:2]) <= 224
 
 

@@ -2,7 +2,7 @@
 
 For each feature set of the run, the test-fold attention of every positive bag is compared
 with the cells marked abnormal in a ``cells.csv`` (``bag_id,x0,y0,x1,y1,abnormal``, as the demo
-set writes it): how often the top-attention tile holds an abnormal cell, against chance, and
+set writes it): how often the top-attention tile contains an abnormal cell, against chance, and
 the mean per-bag AUROC of attention for abnormal tiles.
 
     python -m cytofm.cli.score_attention RUN_DIR CELLS_CSV

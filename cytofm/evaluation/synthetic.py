@@ -1,6 +1,6 @@
 """Synthetic feature sets with known ground truth, for tests, benchmarks and sanity checks.
 
-In a planted-signal set every positive bag holds exactly one marker instance whose first
+In a planted-signal set every positive bag contains exactly one marker instance whose first
 features are shifted by ``marker``; every other instance is standard normal noise. A MIL head
 that works separates the classes and puts its attention on the marker instance.
 """

@@ -53,6 +53,9 @@ from cytofm.pretrain.teacher import cancel_last_layer_gradients, param_groups, u
 
 logger = logging.getLogger(__name__)
 
+# Steps between the cross-rank checks for a stop signal (each costs a device synchronisation).
+STOP_CHECK_EVERY_STEPS = 10
+
 LOSS_TERMS = ("total", "cls", "patch")
 
 # Streams of the per-step seeds, so masks and stochastic depth never share random numbers.
@@ -354,9 +357,15 @@ class PretrainTrainer:
         return previous
 
     def _stop_requested(self) -> bool:
-        """Whether any rank received a stop signal; every rank then stops at the same step."""
+        """Check whether any rank received a stop signal, so every rank stops at the same step.
+
+        With several processes the check is an all-reduce that waits for the device, so it runs
+        only every ``STOP_CHECK_EVERY_STEPS`` steps; all ranks skip the same steps.
+        """
         requested = getattr(self, "_stop_signal", None) is not None
         if self.context.world_size > 1:
+            if self.step % STOP_CHECK_EVERY_STEPS != 0:
+                return False
             flag = torch.tensor([float(requested)], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
             if flag.item() > 0 and not requested:

@@ -4,7 +4,7 @@ Two figures per bag. The first paints the attention weight of each tile or cell 
 over the source image, with a colour bar and the bag's label and prediction in the title. The
 second is a page of the highest- and lowest-attention tiles cropped from the image.
 
-The run folder is read by ``read_mil_bag``, the only function that knows the layout written by
+The run folder is read by ``read_mil_bag``, the only function that reads the layout written by
 ``cytofm-eval-mil``::
 
     <run>/<feature set>/<head>/seed<s>/fold<k>/predictions.csv
@@ -98,7 +98,7 @@ def read_mil_bag(
     another with ``feature_set`` and ``seed``.
 
     Raises:
-        FileNotFoundError: ``run_dir`` is missing or holds no fold folders for ``head``.
+        FileNotFoundError: ``run_dir`` is missing or contains no fold folders for ``head``.
         BagNotFoundError: No fold lists ``bag_id`` among its test bags.
         ValueError: The fold has no attention for the bag (e.g. a ``mean`` pooling head).
     """
