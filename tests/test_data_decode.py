@@ -12,6 +12,7 @@ from cytofm.data.decode import (
     integer_full_scale,
     load_rgb,
 )
+from tests.wide_samples import png16, tiff16
 
 
 def test_gray16_png_12bit_range_scaled(tmp_path):
@@ -206,3 +207,62 @@ def test_decode_error_pickles():
     error = pickle.loads(pickle.dumps(ImageDecodeError("/a b/c.png", "bad")))
     assert str(error.path) == "/a b/c.png"
     assert error.reason == "bad"
+
+
+def _expected_8bit(values: np.ndarray, full_scale: int) -> np.ndarray:
+    return np.rint(values * (255.0 / full_scale)).astype(np.uint8)
+
+
+@pytest.mark.parametrize("filter_kind", [0, 1, 2, 4])
+def test_rgb16_png_12bit_range_scaled(tmp_path, filter_kind):
+    values = np.random.default_rng(filter_kind).integers(0, 4096, size=(5, 6, 3))
+    values[0, 0] = (4095, 17, 256)  # the maximum sets the scale; 256 has a zero low byte
+    path = tmp_path / "rgb12.png"
+    path.write_bytes(png16(values, filter_kind))
+    assert Image.open(path).mode == "RGB"  # Pillow's own reading keeps only the high byte
+
+    pixels = np.asarray(load_rgb(path))
+    np.testing.assert_array_equal(pixels, _expected_8bit(values, 4095))
+    assert tuple(pixels[0, 0]) == (255, 1, 16)
+
+
+def test_rgb16_png_full_range(tmp_path):
+    values = np.array([[[65535, 32768, 0], [1, 255, 256]]])
+    path = tmp_path / "rgb16.png"
+    path.write_bytes(png16(values))
+    pixels = np.asarray(load_rgb(path))
+    np.testing.assert_array_equal(pixels, _expected_8bit(values, 65535))
+
+
+def test_rgba16_png_alpha_from_full_range(tmp_path):
+    # 12-bit colour, 16-bit alpha: opaque red, fully transparent, half transparent black.
+    values = np.array([[[4095, 0, 0, 65535], [0, 4095, 0, 0], [0, 0, 0, 32768]]])
+    path = tmp_path / "rgba16.png"
+    path.write_bytes(png16(values))
+    pixels = np.asarray(load_rgb(path)).astype(int)
+    assert tuple(pixels[0, 0]) == (255, 0, 0)
+    assert tuple(pixels[0, 1]) == (255, 255, 255)  # transparent shows the white glass
+    assert np.all(np.abs(pixels[0, 2] - 127) <= 1)
+
+
+def test_la16_png_scaled_and_composited(tmp_path):
+    values = np.array([[[1000, 65535], [4095, 65535], [0, 0]]])
+    path = tmp_path / "la16.png"
+    path.write_bytes(png16(values))
+    pixels = np.asarray(load_rgb(path))
+    assert tuple(pixels[0, 0]) == (round(1000 * 255 / 4095),) * 3
+    assert tuple(pixels[0, 1]) == (255, 255, 255)
+    assert tuple(pixels[0, 2]) == (255, 255, 255)
+
+
+@pytest.mark.parametrize("byte_order", ["<", ">"])
+@pytest.mark.parametrize("channels", [3, 4])
+def test_rgb16_tiff_scaled(tmp_path, byte_order, channels):
+    values = np.random.default_rng(channels).integers(0, 1024, size=(4, 5, channels))
+    values[1, 2, :3] = 1023  # 10-bit camera
+    if channels == 4:
+        values[..., 3] = 65535
+    path = tmp_path / "rgb10.tif"
+    path.write_bytes(tiff16(values, byte_order))
+    pixels = np.asarray(load_rgb(path))
+    np.testing.assert_array_equal(pixels, _expected_8bit(values[..., :3], 1023))

@@ -11,6 +11,10 @@ Every colour mode that Pillow opens ends up as 8-bit RGB:
   range instead of coming out black, and images of one collection keep their relative
   brightness. Float images (``F``) with values in [0, 1] are scaled by 255, others by their
   min-max range.
+- 16-bit-per-channel colour files (RGB, RGBA and LA in PNG or TIFF) get the same scaling, from
+  the largest colour value; alpha is scaled from its full 16-bit range. Pillow keeps only the
+  high byte of each such sample, so the file is decoded a second time with the byte order of
+  the raw mode swapped, which yields the low bytes, and the two halves are joined.
 - The EXIF orientation tag is applied, and multi-page files (TIFF) yield their first page.
 
 A file that is empty, truncated or not an image raises ``ImageDecodeError`` naming the file and
@@ -18,10 +22,9 @@ the reason. A file whose pixel count exceeds ``max_pixels`` raises ``ImageTooLar
 subclass) from its header, before any pixel is decoded, so a decompression bomb never reaches
 memory.
 
-NOTE: Pillow reduces 16-bit-per-channel RGB files (PNG, TIFF) to 8 bits by keeping the high
-byte, so a 12-bit RGB frame in a 16-bit container comes out dark. Only single-channel 16-bit
-images are rescaled here. Also, if other code sets Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES``,
-truncated files decode with grey fill and are not detected.
+NOTE: if other code sets Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES``, truncated files decode
+with grey fill and are not detected. 16-bit colour samples in native byte order (raw mode
+suffix ``;16N``) keep Pillow's high-byte reduction; no common format writes them.
 """
 
 from __future__ import annotations
@@ -111,9 +114,13 @@ def load_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
     try:
         with image:
             image.seek(0)
+            # Checked before the EXIF read, which makes Pillow's PNG reader decode the pixels.
+            if _has_wide_colour_samples(image):
+                rgb = _load_wide_colour(path, image)
+            else:
+                image.load()
+                rgb = to_rgb(image)
             orientation = _exif_orientation(image)
-            image.load()
-            rgb = to_rgb(image)
     except ImageDecodeError:
         raise
     except _DECODER_ERRORS as error:
@@ -148,6 +155,80 @@ def _open_checked(path: Path, max_pixels: int | None) -> Image.Image:
         image.close()
         raise ImageDecodeError(path, f"image has zero size {width}x{height}")
     return image
+
+
+_BYTE_ORDER_SWAP = {";16B": ";16L", ";16L": ";16B"}
+
+
+def _tile_rawmode(tile: tuple) -> str | None:
+    # Tiles are (codec, extents, offset, args); args is the raw mode or starts with it.
+    args = tile[3]
+    if isinstance(args, str):
+        return args
+    if isinstance(args, tuple) and args and isinstance(args[0], str):
+        return args[0]
+    return None
+
+
+def _swap_byte_order(tile: tuple) -> tuple:
+    rawmode = _tile_rawmode(tile)
+    assert rawmode is not None
+    swapped = rawmode[:-4] + _BYTE_ORDER_SWAP[rawmode[-4:]]
+    args = swapped if isinstance(tile[3], str) else (swapped, *tile[3][1:])
+    return type(tile)(*tile[:3], args) if hasattr(tile, "_fields") else (*tile[:3], args)
+
+
+def _has_wide_colour_samples(image: Image.Image) -> bool:
+    """Whether Pillow is about to reduce 16-bit colour samples to their high byte."""
+    if image.mode not in ("RGB", "RGBA", "LA") or not image.tile:
+        return False
+    rawmodes = [_tile_rawmode(tile) for tile in image.tile]
+    if not all(mode is not None and mode[-4:] in _BYTE_ORDER_SWAP for mode in rawmodes):
+        return False
+    # Grey+alpha is re-read as 8-bit RGBA bytes, which needs an RGBA image of 4-byte pixels.
+    return not rawmodes[0].startswith("LA;") or (image.mode == "RGBA" and len(rawmodes) == 1)
+
+
+def _load_wide_colour(path: Path, image: Image.Image) -> Image.Image:
+    # Pillow opens 16-bit grey+alpha PNGs in mode RGBA with raw mode "LA;16B".
+    grey = _tile_rawmode(image.tile[0]).startswith("LA;")
+    if grey:
+        values = _decode_la16_as_bytes(image)
+    else:
+        # Pillow's unpackers for "RGB;16B" and "RGB;16L" both read 6 bytes per pixel and keep
+        # the byte they take for the high one; decoding with the other byte order therefore
+        # returns the low bytes, while decompression and unfiltering stay the same.
+        low_tiles = [_swap_byte_order(tile) for tile in image.tile]
+        image.load()
+        high = np.asarray(image, dtype=np.uint16)
+        with Image.open(path) as second:
+            second.seek(0)
+            second.tile = low_tiles
+            second.load()
+            low = np.asarray(second, dtype=np.uint16)
+        if low.shape != high.shape:
+            raise ImageDecodeError(path, "16-bit colour planes decoded to different shapes")
+        values = (high << 8) | low
+    colour_channels = 1 if grey else 3
+    colour = values[..., :colour_channels]
+    full_scale = integer_full_scale(int(colour.max()) if colour.size else 0)
+    scaled = np.rint(values * (255.0 / full_scale))
+    if values.shape[-1] > colour_channels:  # alpha always spans the full 16 bits
+        scaled[..., colour_channels:] = np.rint(values[..., colour_channels:] * (255.0 / 65535))
+    eight_bit = np.clip(scaled, 0, 255).astype(np.uint8)
+    return to_rgb(Image.fromarray(eight_bit))  # 2, 3 or 4 channels: LA, RGB or RGBA
+
+
+def _decode_la16_as_bytes(image: Image.Image) -> np.ndarray:
+    # Pillow has no low-byte unpacker for "LA;16B". A 16-bit grey+alpha pixel is 4 bytes, as
+    # is an 8-bit RGBA pixel, so decoding it as RGBA returns all four bytes unchanged.
+    image.tile = [
+        type(tile)(*tile[:3], "RGBA") if hasattr(tile, "_fields") else (*tile[:3], "RGBA")
+        for tile in image.tile
+    ]
+    image.load()
+    raw = np.asarray(image, dtype=np.uint16)
+    return np.stack([(raw[..., 0] << 8) | raw[..., 1], (raw[..., 2] << 8) | raw[..., 3]], -1)
 
 
 def _exif_orientation(image: Image.Image) -> int:
