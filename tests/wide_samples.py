@@ -1,7 +1,7 @@
 """Writers of 16-bit-per-channel PNG and TIFF files, which Pillow cannot save itself.
 
-The PNG writer applies the chosen scanline filter (0 none, 1 sub, 2 up, 4 Paeth) so tests
-exercise the decoder's unfiltering; the TIFF writer stores one uncompressed strip.
+The PNG writer applies the chosen scanline filter (0 none, 1 sub, 2 up, 4 Paeth), so tests
+exercise the decoder's unfiltering. The TIFF writer stores one uncompressed strip.
 """
 
 from __future__ import annotations
@@ -64,6 +64,7 @@ def tiff16(values: np.ndarray, byte_order: str = "<") -> bytes:
     data_offset = 8
     bits_offset = data_offset + len(pixels)
     ifd_offset = bits_offset + len(bits)
+
     # (tag, type, count, value): type 3 is SHORT, 4 is LONG.
     entries = [
         (256, 4, 1, width),
@@ -79,6 +80,7 @@ def tiff16(values: np.ndarray, byte_order: str = "<") -> bytes:
     ]
     if channels == 4:
         entries.append((338, 3, 1, 2))  # unassociated alpha
+
     marker = b"II" if byte_order == "<" else b"MM"
     out = bytearray(marker + struct.pack(f"{byte_order}HI", 42, ifd_offset) + pixels + bits)
     out += struct.pack(f"{byte_order}H", len(entries))

@@ -179,7 +179,7 @@ def _swap_byte_order(tile: tuple) -> tuple:
 
 
 def _has_wide_colour_samples(image: Image.Image) -> bool:
-    """Whether Pillow is about to reduce 16-bit colour samples to their high byte."""
+    """Return whether Pillow would reduce the image's 16-bit colour samples to their high byte."""
     if image.mode not in ("RGB", "RGBA", "LA") or not image.tile:
         return False
     rawmodes = [_tile_rawmode(tile) for tile in image.tile]
@@ -196,8 +196,8 @@ def _load_wide_colour(path: Path, image: Image.Image) -> Image.Image:
         values = _decode_la16_as_bytes(image)
     else:
         # Pillow's unpackers for "RGB;16B" and "RGB;16L" both read 6 bytes per pixel and keep
-        # the byte they take for the high one; decoding with the other byte order therefore
-        # returns the low bytes, while decompression and unfiltering stay the same.
+        # the byte that their byte order marks as high. Decoding with the other byte order
+        # therefore returns the low bytes, because decompression and unfiltering are unchanged.
         low_tiles = [_swap_byte_order(tile) for tile in image.tile]
         image.load()
         high = np.asarray(image, dtype=np.uint16)
@@ -207,7 +207,7 @@ def _load_wide_colour(path: Path, image: Image.Image) -> Image.Image:
             second.load()
             low = np.asarray(second, dtype=np.uint16)
         if low.shape != high.shape:
-            raise ImageDecodeError(path, "16-bit colour planes decoded to different shapes")
+            raise ImageDecodeError(path, "high and low bytes of the 16-bit samples decoded to different shapes")
         values = (high << 8) | low
     colour_channels = 1 if grey else 3
     colour = values[..., :colour_channels]
