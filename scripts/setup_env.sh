@@ -10,4 +10,4 @@ fi
 # torch and torchvision first, so a machine with a local wheel cache or a CUDA-specific index
 # configured in pip picks its own build; pyproject.toml only declares version ranges.
 .venv/bin/python -m pip install --quiet "torch>=2.3,<3" "torchvision>=0.18"
-.venv/bin/python -m pip install --quiet -e ".[dev]"
+.venv/bin/python -m pip install --quiet -e ".[dev,wsi]"

@@ -207,7 +207,7 @@ def _load_wide_colour(path: Path, image: Image.Image) -> Image.Image:
             second.load()
             low = np.asarray(second, dtype=np.uint16)
         if low.shape != high.shape:
-            raise ImageDecodeError(path, "high and low bytes of the 16-bit samples decoded to different shapes")
+            raise ImageDecodeError(path, "the two decodes of the 16-bit samples differ in shape")
         values = (high << 8) | low
     colour_channels = 1 if grey else 3
     colour = values[..., :colour_channels]

@@ -11,7 +11,7 @@ from __future__ import annotations
 import csv
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -25,13 +25,16 @@ MANIFEST_SUFFIXES = frozenset({".txt", ".csv", ".tsv", ".lst"})
 column)."""
 
 
-def is_image_name(name: str) -> bool:
-    """Return whether a file name has one of the image suffixes (case-insensitive)."""
-    return os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS
+def is_image_name(name: str, suffixes: Collection[str] = IMAGE_EXTENSIONS) -> bool:
+    """Return whether a file name has one of ``suffixes`` (lower case, compared ignoring case)."""
+    return os.path.splitext(name)[1].lower() in suffixes
 
 
-def list_images(folder: str | Path, recursive: bool = True) -> list[str]:
-    """List image files under ``folder``, sorted, as paths relative to it.
+def list_images(
+    folder: str | Path, recursive: bool = True, suffixes: Collection[str] = IMAGE_EXTENSIONS
+) -> list[str]:
+    """List image files (by default) or other files with ``suffixes`` under ``folder``, sorted,
+    as paths relative to it.
 
     Hidden files and folders (names starting with ".") are skipped. Symbolic links to files are
     followed; links to folders are not, so a link loop cannot make the listing endless.
@@ -54,7 +57,7 @@ def list_images(folder: str | Path, recursive: bool = True) -> list[str]:
                 if entry.is_dir(follow_symlinks=False):
                     if recursive:
                         pending.append(child)
-                elif entry.is_file() and is_image_name(entry.name):
+                elif entry.is_file() and is_image_name(entry.name, suffixes):
                     found.append(child)
     found.sort()
     return found

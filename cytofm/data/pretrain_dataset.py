@@ -1,14 +1,18 @@
 """Unlabelled image collections for pretraining, mixed from weighted sources.
 
 Each ``ImageSource`` is a folder (listed once, recursively by default) or a manifest file (see
-``cytofm.data.listing.read_manifest``). ``PretrainImageDataset`` concatenates the sources into
-one index space, and ``MixtureSampler`` (in ``cytofm.data.sampler``, re-exported here) draws
-``(index, seed)`` pairs so that each source's share of the samples follows its weight.
+``cytofm.data.listing.read_manifest``) of either image files or whole-slide images.
+``PretrainImageDataset`` concatenates the sources into one index space, and ``MixtureSampler``
+(in ``cytofm.data.sampler``, re-exported here) draws ``(index, seed)`` pairs so that each
+source's share of the samples follows its weight.
 
 An item is a field of view: images larger than ``field_size`` on a side are cropped at a random
 position to at most ``field_size`` x ``field_size`` instead of being resized, so the cell scale
-of large fields is kept. The crop and the transform are seeded from the item's seed, which
-makes ``dataset[(index, seed)]`` a pure function of its key and lets a resumed run reproduce
+of large fields is kept. In a slide source (``kind="slides"``) an item is one foreground tile of
+``field_size`` pixels at the source's magnification (see ``cytofm.data.slide_source``).
+
+The crop and the transform are seeded from the item's seed, which makes
+``dataset[(index, seed)]`` a pure function of its key and lets a resumed run reproduce
 its batches.
 
 Bad files never stop a run by themselves. A file that fails to decode is logged with a warning
@@ -29,15 +33,18 @@ import random
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 from PIL import Image
 
-from cytofm.data.decode import DEFAULT_MAX_PIXELS, ImageDecodeError, load_rgb
+from cytofm.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, ImageDecodeError, load_rgb
 from cytofm.data.listing import MANIFEST_SUFFIXES, PathTable, list_images, read_manifest
 from cytofm.data.sampler import MixtureSampler
+from cytofm.data.slide_source import SlideTileTable, SlideTiling
+from cytofm.data.tiling import BackgroundFilter
+from cytofm.data.wsi import SLIDE_EXTENSIONS
 
 logger = logging.getLogger(__name__)
 
@@ -48,22 +55,37 @@ class DataLoadingError(RuntimeError):
     """Raised when too many files are unreadable or no readable image is left."""
 
 
+SourceKind = Literal["images", "slides"]
+
+
 @dataclass
 class ImageSource:
-    """One collection of pretraining images.
+    """One collection of pretraining images or whole-slide images.
 
     Attributes:
-        path: A folder of images, or a manifest file (``.txt``/``.lst`` with one path per line,
-            or ``.csv``/``.tsv`` with a ``path`` column; relative entries are relative to the
+        path: A folder, or a manifest file (``.txt``/``.lst`` with one path per line, or
+            ``.csv``/``.tsv`` with a ``path`` column; relative entries are relative to the
             manifest's folder).
         weight: Relative sampling weight. Sources are drawn in proportion to their weights,
             whatever their sizes.
         recursive: For folders, whether sub-folders are listed too.
+        kind: ``images`` for image files, ``slides`` for whole-slide images read with
+            OpenSlide (``pip install cytofm[wsi]``), tiled into foreground tiles.
+        magnification: For slides, the objective magnification tiles are read at; ``None``
+            reads level 0.
+        base_magnification: For slides that record neither objective power nor microns per
+            pixel, the level-0 magnification.
+        max_glass_fraction: For slides, tiles with a larger share of empty glass are left out;
+            1.0 keeps every tile.
     """
 
     path: Path
     weight: float = 1.0
     recursive: bool = True
+    kind: SourceKind = "images"
+    magnification: float | None = None
+    base_magnification: float | None = None
+    max_glass_fraction: float = 0.9
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -71,33 +93,77 @@ class ImageSource:
             raise ValueError(
                 f"source {self.path}: weight must be a positive number, got {self.weight}"
             )
+        if self.kind not in ("images", "slides"):
+            raise ValueError(
+                f"source {self.path}: kind must be 'images' or 'slides', got {self.kind!r}"
+            )
+        if not 0.0 <= self.max_glass_fraction <= 1.0:
+            raise ValueError(
+                f"source {self.path}: max_glass_fraction must be in [0, 1], "
+                f"got {self.max_glass_fraction}"
+            )
 
 
-def load_source(source: ImageSource) -> PathTable:
-    """List the images of one source (without opening them).
+class ImageFileTable:
+    """The image files of one source, decoded on demand.
+
+    Args:
+        paths: The listed files.
+        max_pixels: Files with more pixels are rejected (decompression-bomb guard).
+    """
+
+    def __init__(self, paths: PathTable, max_pixels: int | None) -> None:
+        self.paths = paths
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def path(self, position: int) -> Path:
+        """Return the file of item ``position``."""
+        return self.paths[position]
+
+    def load(self, position: int) -> Image.Image:
+        """Decode item ``position`` to RGB; raises ``ImageDecodeError`` when it cannot."""
+        return load_rgb(self.paths[position], max_pixels=self.max_pixels)
+
+
+def list_source(source: ImageSource) -> PathTable:
+    """List the files of one source (without opening them).
 
     Raises:
         FileNotFoundError: The folder or manifest does not exist.
-        ValueError: The path is a file but not a manifest, or the source contains no image.
+        ValueError: The path is a file but not a manifest, or the source contains no file of
+            its kind.
     """
     path = source.path
+    suffixes = IMAGE_EXTENSIONS if source.kind == "images" else SLIDE_EXTENSIONS
     if path.is_dir():
-        table = PathTable(path, list_images(path, recursive=source.recursive))
+        table = PathTable(path, list_images(path, recursive=source.recursive, suffixes=suffixes))
         where = "folder"
     elif path.is_file():
         if path.suffix.lower() not in MANIFEST_SUFFIXES:
-            suffixes = ", ".join(sorted(MANIFEST_SUFFIXES))
-            raise ValueError(f"source {path} is a file but not a manifest (expected {suffixes})")
+            manifests = ", ".join(sorted(MANIFEST_SUFFIXES))
+            raise ValueError(f"source {path} is a file but not a manifest (expected {manifests})")
         table = PathTable(path.parent, read_manifest(path))
         where = "manifest"
     else:
-        raise FileNotFoundError(f"image source not found: {path}")
+        noun = "image" if source.kind == "images" else "slide"
+        raise FileNotFoundError(f"{noun} source not found: {path}")
     if len(table) == 0:
+        noun = "image" if source.kind == "images" else "slide"
         raise ValueError(
-            f"source {path} contains no image files; supported suffixes are "
-            ".jpg .jpeg .png .tif .tiff .bmp .webp"
+            f"source {path} contains no {noun} files; supported suffixes are "
+            f"{' '.join(sorted(suffixes))}"
         )
-    logger.info("source %s (%s): %d images, weight %g", path, where, len(table), source.weight)
+    logger.info(
+        "source %s (%s of %s): %d files, weight %g",
+        path,
+        where,
+        source.kind,
+        len(table),
+        source.weight,
+    )
     return table
 
 
@@ -149,9 +215,12 @@ class PretrainImageDataset(torch.utils.data.Dataset):
         min_attempts: Draws a process makes before ``max_bad_fraction`` is enforced.
         max_substitutes: Replacement draws tried for one item before the source is declared
             unreadable.
+        slide_index_dir: Folder where the foreground-tile index of slide sources is saved and
+            reused (see ``SlideTileTable``); ``None`` rebuilds it each time.
 
     Raises:
-        ValueError: No source is given, or a source is empty.
+        ValueError: No source is given, a source is empty, or a slide source is used with
+            ``field_size=None``.
         FileNotFoundError: A source path does not exist.
     """
 
@@ -166,6 +235,7 @@ class PretrainImageDataset(torch.utils.data.Dataset):
         skipped_manifest: str | Path | None = None,
         min_attempts: int = 200,
         max_substitutes: int = 100,
+        slide_index_dir: str | Path | None = None,
     ) -> None:
         if not sources:
             raise ValueError("at least one image source is required")
@@ -177,23 +247,52 @@ class PretrainImageDataset(torch.utils.data.Dataset):
             source if isinstance(source, ImageSource) else ImageSource(**source)
             for source in sources
         ]
-        self.tables = [load_source(source) for source in self.sources]
+        self.skipped_manifest = Path(skipped_manifest) if skipped_manifest is not None else None
+        if self.skipped_manifest is not None:
+            _write_manifest_header(self.skipped_manifest)
+        self.field_size = field_size
+        self.max_pixels = max_pixels
+        self.tables = [self._build_table(source, slide_index_dir) for source in self.sources]
         self.source_sizes = [len(table) for table in self.tables]
         self.source_weights = [source.weight for source in self.sources]
         self.source_offsets = np.concatenate([[0], np.cumsum(self.source_sizes)]).astype(np.int64)
         self.transform = transform
-        self.field_size = field_size
-        self.max_pixels = max_pixels
         self.max_bad_fraction = max_bad_fraction
         self.min_attempts = min_attempts
         self.max_substitutes = max_substitutes
-        self.skipped_manifest = Path(skipped_manifest) if skipped_manifest is not None else None
-        if self.skipped_manifest is not None:
-            _write_manifest_header(self.skipped_manifest)
         self.attempts = 0
         self.failures = 0
         self._known_bad: dict[int, str] = {}
         self._bad_per_source = [0] * len(self.sources)
+
+    def _build_table(
+        self, source: ImageSource, slide_index_dir: str | Path | None
+    ) -> ImageFileTable | SlideTileTable:
+        listing = list_source(source)
+        if source.kind == "images":
+            return ImageFileTable(listing, self.max_pixels)
+        if self.field_size is None:
+            raise ValueError(
+                f"slide source {source.path} needs a tile size: set field_size (data.field_size)"
+            )
+        tiling = SlideTiling(
+            tile_size=self.field_size,
+            magnification=source.magnification,
+            base_magnification=source.base_magnification,
+            background=BackgroundFilter(max_glass_fraction=source.max_glass_fraction),
+        )
+        entries = [listing.relative(position) for position in range(len(listing))]
+        return SlideTileTable(
+            listing.root,
+            entries,
+            tiling,
+            cache_dir=slide_index_dir,
+            on_bad_slide=self._record_skipped,
+        )
+
+    def _record_skipped(self, path: Path, reason: str) -> None:
+        if self.skipped_manifest is not None:
+            _append_skipped(self.skipped_manifest, path, reason)
 
     def __len__(self) -> int:
         return int(self.source_offsets[-1])
@@ -211,9 +310,9 @@ class PretrainImageDataset(torch.utils.data.Dataset):
         return source, index - int(self.source_offsets[source])
 
     def path(self, index: int) -> Path:
-        """Return the file path of a global index."""
+        """Return the file of a global index (for a slide tile, its slide)."""
         source, position = self.locate(index)
-        return self.tables[source][position]
+        return self.tables[source].path(position)
 
     def __getitem__(self, key: tuple[int, int] | int) -> Any:
         index, seed = (key, key) if isinstance(key, (int, np.integer)) else key
@@ -257,16 +356,15 @@ class PretrainImageDataset(torch.utils.data.Dataset):
             self.failures += 1
             self._check_bad_share()
             return None
-        path = self.path(index)
+        _, position = self.locate(index)
         try:
-            image = load_rgb(path, max_pixels=self.max_pixels)
+            image = self.tables[source].load(position)
         except ImageDecodeError as error:
             self.failures += 1
             self._known_bad[index] = error.reason
             self._bad_per_source[source] += 1
-            logger.warning("skipping unreadable image %s: %s", path, error.reason)
-            if self.skipped_manifest is not None:
-                _append_skipped(self.skipped_manifest, path, error.reason)
+            logger.warning("skipping unreadable image %s: %s", error.path, error.reason)
+            self._record_skipped(error.path, error.reason)
             self._check_bad_share()
             return None
         return image
@@ -316,7 +414,7 @@ __all__ = [
     "ImageSource",
     "MixtureSampler",
     "PretrainImageDataset",
-    "load_source",
+    "list_source",
     "read_skipped_manifest",
     "seeded_rng",
 ]

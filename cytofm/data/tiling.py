@@ -34,8 +34,8 @@ class BackgroundFilter:
     min_brightness: int = 210
     max_saturation: float = 0.12
 
-    def glass_fraction(self, tile: Image.Image | np.ndarray) -> float:
-        """Return the share of pixels in an RGB tile that look like empty glass."""
+    def glass_mask(self, tile: Image.Image | np.ndarray) -> np.ndarray:
+        """Return a boolean ``[H, W]`` array that is True where an RGB image shows glass."""
         pixels = np.asarray(tile)
         if pixels.ndim != 3 or pixels.shape[2] < 3:
             raise ValueError(f"expected an RGB tile of shape [H, W, 3], got {pixels.shape}")
@@ -43,7 +43,11 @@ class BackgroundFilter:
         brightest = pixels.max(axis=2)
         darkest = pixels.min(axis=2)
         saturation = (brightest - darkest) / np.maximum(brightest, 1)
-        glass = (brightest >= self.min_brightness) & (saturation <= self.max_saturation)
+        return (brightest >= self.min_brightness) & (saturation <= self.max_saturation)
+
+    def glass_fraction(self, tile: Image.Image | np.ndarray) -> float:
+        """Return the share of pixels in an RGB tile that look like empty glass."""
+        glass = self.glass_mask(tile)
         return float(glass.mean()) if glass.size else 1.0
 
     def is_background(self, tile: Image.Image | np.ndarray) -> bool:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
+import numpy as np
 from PIL import Image
 
 from cytofm.data.tiling import BackgroundFilter, Box, grid_starts
@@ -108,12 +109,18 @@ class LevelPlan:
     read_scale: float
 
 
-def plan_level(slide: SlideLike, magnification: float, base: float | None = None) -> LevelPlan:
+def plan_level(
+    slide: SlideLike, magnification: float | None, base: float | None = None
+) -> LevelPlan:
     """Choose the pyramid level and the residual resize for ``magnification``.
+
+    ``magnification=None`` reads level 0 at full resolution and needs no base magnification.
 
     Raises:
         ValueError: ``magnification`` exceeds the slide's base magnification.
     """
+    if magnification is None:
+        return LevelPlan(0, 1.0, float(slide.level_downsamples[0]), 1.0)
     base = base_magnification(slide) if base is None else base
     if magnification <= 0:
         raise ValueError(f"magnification must be positive, got {magnification}")
@@ -137,7 +144,7 @@ def slide_tile_boxes(
     tile_size: int,
     stride: int | None = None,
     *,
-    magnification: float,
+    magnification: float | None,
     base: float | None = None,
     include_edge: bool = False,
 ) -> list[Box]:
@@ -155,15 +162,19 @@ def slide_tile_boxes(
     return [(x, y, x + span, y + span) for y in ys for x in xs]
 
 
+def _on_white(region: Image.Image) -> Image.Image:
+    # OpenSlide returns premultiplied RGBA with alpha 0 outside the scanned area.
+    if region.mode == "RGBA":
+        background = Image.new("RGBA", region.size, (255, 255, 255, 255))
+        region = Image.alpha_composite(background, region)
+    return region.convert("RGB")
+
+
 def read_slide_tile(slide: SlideLike, box: Box, tile_size: int, plan: LevelPlan) -> Image.Image:
     """Read one level-0 box as a ``tile_size`` RGB tile, transparent parts made white."""
     x0, y0, x1, y1 = box
     read_size = max(1, math.ceil((x1 - x0) / plan.level_downsample))
-    region = slide.read_region((x0, y0), plan.level, (read_size, read_size))
-    if region.mode == "RGBA":
-        background = Image.new("RGBA", region.size, (255, 255, 255, 255))
-        region = Image.alpha_composite(background, region)
-    region = region.convert("RGB")
+    region = _on_white(slide.read_region((x0, y0), plan.level, (read_size, read_size)))
     if region.size != (tile_size, tile_size):
         region = region.resize((tile_size, tile_size), Image.Resampling.BOX)
     return region
@@ -174,14 +185,14 @@ def iter_slide_tiles(
     tile_size: int,
     stride: int | None = None,
     *,
-    magnification: float,
+    magnification: float | None,
     base: float | None = None,
     background: BackgroundFilter | None = None,
 ) -> Iterator[tuple[Image.Image, Box]]:
     """Yield ``(tile, level-0 box)`` over a slide, dropping glass tiles.
 
-    NOTE: the background filter reads every tile at the target magnification; a thumbnail
-    mask would be faster on large slides with much glass.
+    The background filter is applied to every tile at the target magnification. This is exact
+    but reads the whole slide, whereas ``foreground_tile_boxes`` selects tiles from a thumbnail.
     """
     plan = plan_level(slide, magnification, base)
     boxes = slide_tile_boxes(slide, tile_size, stride, magnification=magnification, base=base)
@@ -190,3 +201,65 @@ def iter_slide_tiles(
         if background is not None and background.is_background(tile):
             continue
         yield tile, box
+
+
+DEFAULT_MAX_MASK_PIXELS = 64_000_000
+"""Largest pyramid level, in pixels, that ``foreground_tile_boxes`` reads whole as a mask."""
+
+
+def foreground_tile_boxes(
+    slide: SlideLike,
+    tile_size: int,
+    stride: int | None = None,
+    *,
+    magnification: float | None,
+    base: float | None = None,
+    background: BackgroundFilter | None = None,
+    max_mask_pixels: int = DEFAULT_MAX_MASK_PIXELS,
+) -> list[Box]:
+    """Return the level-0 boxes of the grid tiles that are not empty glass.
+
+    The glass mask is computed once on the slide's smallest pyramid level, and a tile is kept
+    when the glass share of the mask pixels under its box is at most
+    ``background.max_glass_fraction``. A slide without a level of at most ``max_mask_pixels``
+    pixels falls back to reading every tile at the target magnification.
+
+    NOTE: the mask is computed on averaged thumbnail pixels, so a tile with a few small cells on
+    glass can count as glass in the mask while it passes the per-tile filter of
+    ``iter_slide_tiles``.
+    """
+    boxes = slide_tile_boxes(slide, tile_size, stride, magnification=magnification, base=base)
+    if background is None or background.max_glass_fraction >= 1.0 or not boxes:
+        return boxes
+    level = slide.level_count - 1
+    width, height = slide.level_dimensions[level]
+    if width * height > max_mask_pixels:
+        logger.warning(
+            "smallest level of the slide is %dx%d pixels, too large for a mask; filtering "
+            "%d tiles one by one",
+            width,
+            height,
+            len(boxes),
+        )
+        plan = plan_level(slide, magnification, base)
+        return [
+            box
+            for box in boxes
+            if not background.is_background(read_slide_tile(slide, box, tile_size, plan))
+        ]
+
+    thumbnail = _on_white(slide.read_region((0, 0), level, (width, height)))
+    glass = background.glass_mask(thumbnail)
+    # Summed-area table: the glass count of any rectangle from four look-ups.
+    counts = np.zeros((height + 1, width + 1), dtype=np.int64)
+    counts[1:, 1:] = glass.cumsum(axis=0).cumsum(axis=1)
+    downsample = float(slide.level_downsamples[level])
+    corners = np.asarray(boxes, dtype=np.float64) / downsample
+    x0 = np.clip(np.floor(corners[:, 0]).astype(np.int64), 0, width - 1)
+    y0 = np.clip(np.floor(corners[:, 1]).astype(np.int64), 0, height - 1)
+    x1 = np.clip(np.ceil(corners[:, 2]).astype(np.int64), x0 + 1, width)
+    y1 = np.clip(np.ceil(corners[:, 3]).astype(np.int64), y0 + 1, height)
+    glass_pixels = counts[y1, x1] - counts[y0, x1] - counts[y1, x0] + counts[y0, x0]
+    fractions = glass_pixels / ((x1 - x0) * (y1 - y0))
+    keep = fractions <= background.max_glass_fraction
+    return [box for box, kept in zip(boxes, keep) if kept]

@@ -35,11 +35,19 @@ class ModelConfig:
 
 @dataclass
 class SourceConfig:
-    """One image source: a folder of images or a manifest file, drawn with ``weight``."""
+    """One source: a folder or manifest of images or whole slides, drawn with ``weight``.
+
+    ``kind: slides`` tiles whole-slide images (OpenSlide) into ``data.field_size`` tiles at
+    ``magnification`` and leaves out tiles with more than ``max_glass_fraction`` glass.
+    """
 
     path: Path = Path("images")
     weight: float = 1.0
     recursive: bool = True
+    kind: Literal["images", "slides"] = "images"
+    magnification: float | None = None
+    base_magnification: float | None = None
+    max_glass_fraction: float = 0.9
 
 
 @dataclass
@@ -203,3 +211,13 @@ def validate(config: PretrainConfig) -> None:
     for index, source in enumerate(config.data.sources):
         if source.weight <= 0:
             raise ConfigError(f"data.sources[{index}].weight must be positive, got {source.weight}")
+        if not 0.0 <= source.max_glass_fraction <= 1.0:
+            raise ConfigError(
+                f"data.sources[{index}].max_glass_fraction must be in [0, 1], "
+                f"got {source.max_glass_fraction}"
+            )
+        if source.kind == "slides" and config.data.field_size is None:
+            raise ConfigError(
+                f"data.sources[{index}] reads slides, which are tiled at data.field_size: "
+                "set data.field_size (e.g. 512)"
+            )

@@ -10,7 +10,7 @@ from torch.utils.data import DataLoader
 from cytofm.data.pretrain_dataset import ImageSource, MixtureSampler, PretrainImageDataset
 from cytofm.pretrain.augment import MultiCropAugmentation
 from cytofm.pretrain.config import PretrainConfig
-from cytofm.pretrain.distributed import DistributedContext
+from cytofm.pretrain.distributed import DistributedContext, barrier
 
 
 @dataclass
@@ -54,20 +54,32 @@ def build_pretrain_data(config: PretrainConfig, context: DistributedContext) -> 
             path=root / source.path if root is not None else source.path,
             weight=source.weight,
             recursive=source.recursive,
+            kind=source.kind,
+            magnification=source.magnification,
+            base_magnification=source.base_magnification,
+            max_glass_fraction=source.max_glass_fraction,
         )
         for source in config.data.sources
     ]
     dataset_kwargs = {}
     if config.data.max_pixels is not None:
         dataset_kwargs["max_pixels"] = config.data.max_pixels
+    # Rank 0 builds the slide tile index first and saves it, so the other ranks read the saved
+    # index instead of reading every slide's thumbnail again.
+    builds_first = any(source.kind == "slides" for source in sources) and context.is_distributed
+    if builds_first and not context.is_main:
+        barrier(context)
     dataset = PretrainImageDataset(
         sources,
         MultiCropAugmentation(config.crops),
         field_size=config.data.field_size,
         max_bad_fraction=config.data.max_bad_fraction,
         skipped_manifest=config.run.output_dir / "skipped_files.csv",
+        slide_index_dir=config.run.output_dir / "slide_index",
         **dataset_kwargs,
     )
+    if builds_first and context.is_main:
+        barrier(context)
     sampler = MixtureSampler(
         dataset,
         samples_per_epoch=config.data.samples_per_epoch,
