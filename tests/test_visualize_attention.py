@@ -184,3 +184,21 @@ def test_run_attention_bad_image_fails_before_loading(tmp_path):
     # The checkpoint does not exist: the image error must come first.
     with pytest.raises(ImageDecodeError, match="broken.png"):
         run_attention(tmp_path / "missing.pt", [broken], tmp_path / "out")
+
+
+def test_run_attention_skips_bad_image_in_folder(tmp_path, caplog):
+    checkpoint = write_tiny_checkpoint(tmp_path / "tiny.pt")
+    folder = tmp_path / "fields"
+    folder.mkdir()
+    write_noise_image(folder / "a.png", 32, 32)
+    (folder / "b.png").write_bytes(b"not an image")
+    write_noise_image(folder / "c.png", 32, 32, seed=2)
+    written = run_attention(checkpoint, [folder], tmp_path / "out", max_size=None)
+    assert [path.name for path in written] == ["a_attention.png", "c_attention.png"]
+    assert "skipping unreadable image" in caplog.text
+    assert "b.png" in caplog.text
+
+    (folder / "a.png").unlink()
+    (folder / "c.png").unlink()
+    with pytest.raises(FileNotFoundError, match="no readable image"):
+        run_attention(checkpoint, [folder], tmp_path / "out2")

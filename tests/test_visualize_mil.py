@@ -195,3 +195,10 @@ def test_run_mil_without_records_asks_for_image(tmp_path):
     run = make_run(tmp_path / "run")
     with pytest.raises(FileNotFoundError, match="pass --image"):
         run_mil(run, "slide_7", tmp_path / "out")
+
+
+def test_read_mil_bag_unknown_seed_lists_runs(tmp_path):
+    run = make_run(tmp_path / "run")
+    with pytest.raises(FileNotFoundError, match="seed 5") as error:
+        read_mil_bag(run, "slide_7", seed=5)
+    assert "the run contains features_a/abmil/seed0;" in str(error.value)

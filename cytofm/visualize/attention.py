@@ -20,7 +20,7 @@ import torch
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cytofm.data.decode import load_rgb
+from cytofm.data.decode import ImageDecodeError, load_rgb
 from cytofm.visualize.drawing import blend_heatmap, dim_outside_mask, new_figure, save_figure
 from cytofm.visualize.images import (
     IMAGE_SUFFIXES,
@@ -266,17 +266,29 @@ def run_attention(
 ) -> list[Path]:
     """Write one attention figure per image to ``out_dir``; returns the written paths.
 
-    Every image is read before the backbone is loaded, so an unreadable file fails fast.
+    Every image is read before the backbone is loaded, so an unreadable file fails fast. An
+    unreadable image found in a folder is skipped with a warning instead, so one bad file does
+    not stop a folder of figures.
 
     Raises:
-        FileNotFoundError: An image or the checkpoint is missing.
-        ImageDecodeError: An image cannot be decoded.
+        FileNotFoundError: An image or the checkpoint is missing, or no image in the given
+            folders is readable.
+        ImageDecodeError: An image named directly cannot be decoded.
     """
     from cytofm.models.loading import load_backbone
 
     out_dir = Path(out_dir)
-    files = list_image_files(images)
-    sources = [(path, load_rgb(path)) for path in files]
+    named = {Path(path) for path in images if not Path(path).is_dir()}
+    sources = []
+    for path in list_image_files(images):
+        try:
+            sources.append((path, load_rgb(path)))
+        except ImageDecodeError as error:
+            if path in named:
+                raise
+            logger.warning("skipping unreadable image %s: %s", path, error.reason)
+    if not sources:
+        raise FileNotFoundError(f"no readable image in {', '.join(map(str, images))}")
     checkpoint = Path(checkpoint)
     if not checkpoint.is_file():
         raise FileNotFoundError(f"checkpoint not found: {checkpoint}")

@@ -83,6 +83,16 @@ def find_fold_dirs(
     return sorted(path for path in run_dir.glob(pattern) if (path / "predictions.csv").is_file())
 
 
+def _available_runs(run_dir: Path) -> str:
+    """Return the feature set, head and seed combinations with predictions, for messages."""
+    found = sorted(
+        "/".join(path.parts[-4:-1])
+        for path in run_dir.glob("*/*/seed*/fold*")
+        if (path / "predictions.csv").is_file()
+    )
+    return ", ".join(dict.fromkeys(found))  # one entry per feature set/head/seed, in order
+
+
 def read_mil_bag(
     run_dir: str | Path,
     bag_id: str,
@@ -107,10 +117,16 @@ def read_mil_bag(
         raise FileNotFoundError(f"evaluation run folder not found: {run_dir}")
     fold_dirs = find_fold_dirs(run_dir, feature_set=feature_set, head=head, seed=seed)
     if not fold_dirs:
+        available = _available_runs(run_dir)
+        hint = (
+            f"the run contains {available}; pick from these with --feature-set, --head and --seed"
+            if available
+            else "pass the 'out' folder of cytofm-eval-mil"
+        )
         raise FileNotFoundError(
             f"no fold folders with predictions.csv under {run_dir} for feature set "
             f"{feature_set or 'any'}, head {head!r}, seed {'any' if seed is None else seed}; "
-            "pass the 'out' folder of cytofm-eval-mil"
+            f"{hint}"
         )
 
     matches: list[tuple[Path, dict[str, str]]] = []
