@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -17,7 +20,7 @@ from cytofm.data.pretrain_dataset import (
 )
 from cytofm.data.slide_source import SlideTileTable, SlideTiling
 from cytofm.data.tiling import BackgroundFilter
-from tests.pretrain_helpers import run_tiny
+from tests.pretrain_helpers import REPO_ROOT, run_tiny, tiny_overrides
 from tests.slide_samples import write_tiled_tiff
 from tests.test_data_tiling import FakeSlide
 
@@ -250,3 +253,39 @@ def test_wsi_bag_reads_openslide_tiles(tmp_path):
     expected = [(x, y, x + 64, y + 64) for y in (64, 128) for x in (128, 192, 256)]
     assert [box for _, box in instances] == expected
     np.testing.assert_array_equal(np.asarray(instances[0][0]), level1[32:64, 64:96])
+
+
+@needs_openslide
+@pytest.mark.slow
+def test_torchrun_ranks_share_slide_index(tmp_path):
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    _tissue_slide(slides / "a.tif")
+    source = f"[{{path: {slides}, kind: slides, magnification: 20, max_glass_fraction: 0.5}}]"
+    config_file = tmp_path / "empty.yaml"
+    config_file.write_text("{}\n")
+    overrides = tiny_overrides(
+        slides,
+        tmp_path / "ddp",
+        **{
+            "data.sources": source,
+            "data.field_size": 32,
+            "data.batch_size_per_gpu": 2,
+            "run.max_steps": 1,
+            "run.num_threads": 1,
+        },
+    )
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    command += ["--nproc_per_node", "2", "-m", "cytofm.cli.pretrain", "--config"]
+    command += [str(config_file), *overrides]
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT), "OMP_NUM_THREADS": "1"}
+    completed = subprocess.run(
+        command, env=env, capture_output=True, text=True, timeout=300, check=False
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+
+    # Rank 0 built and saved the index before rank 1 read it: one file, no partial ones.
+    index_files = sorted(path.name for path in (tmp_path / "ddp" / "slide_index").iterdir())
+    assert len(index_files) == 1
+    assert index_files[0].startswith("slide-tiles-")
+    assert "slide " in (tmp_path / "ddp" / "train.log").read_text()
