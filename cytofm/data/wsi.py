@@ -241,12 +241,10 @@ def foreground_tile_boxes(
             height,
             len(boxes),
         )
-        plan = plan_level(slide, magnification, base)
-        return [
-            box
-            for box in boxes
-            if not background.is_background(read_slide_tile(slide, box, tile_size, plan))
-        ]
+        tiles = iter_slide_tiles(
+            slide, tile_size, stride, magnification=magnification, base=base, background=background
+        )
+        return [box for _, box in tiles]
 
     thumbnail = _on_white(slide.read_region((0, 0), level, (width, height)))
     glass = background.glass_mask(thumbnail)
