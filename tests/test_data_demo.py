@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from cytofm.cli.demo_data import main
@@ -106,3 +107,29 @@ def test_demo_cli(tmp_path):
     )
     assert len(list((tmp_path / "out" / "images").glob("*.png"))) == 3
     assert len(_read(tmp_path / "out" / "labels.csv")) == 3
+
+
+def test_demo_rewrite_removes_stale_images(tmp_path):
+    generate_demo_set(tmp_path, num_images=4, image_size=64)
+    (tmp_path / "images" / "mine.png").write_bytes(b"a user's file")
+    generate_demo_set(tmp_path, num_images=2, image_size=64)
+    names = sorted(path.name for path in (tmp_path / "images").iterdir())
+    assert names == ["demo_00000.png", "demo_00001.png", "mine.png"]
+    assert len(_read(tmp_path / "labels.csv")) == 2
+
+
+@pytest.mark.parametrize(
+    "option,value,message",
+    [
+        ("--num-images", "0", "--num-images: must be at least 1, got 0"),
+        ("--image-size", "32", "--image-size: must be at least 64, got 32"),
+        ("--positive-fraction", "1.5", "--positive-fraction: must be between 0 and 1"),
+        ("--num-images", "x", "--num-images: invalid integer value: 'x'"),
+    ],
+)
+def test_demo_cli_rejects_bad_values(tmp_path, capsys, option, value, message):
+    with pytest.raises(SystemExit) as exit_info:
+        main([str(tmp_path / "out"), option, value])
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -81,6 +82,9 @@ class DemoSet:
     num_abnormal_cells: int
 
 
+_DEMO_NAME = re.compile(r"demo_\d{5}\.png")
+
+
 def generate_demo_set(
     out_dir: str | Path,
     *,
@@ -93,7 +97,8 @@ def generate_demo_set(
 
     Args:
         out_dir: Output folder; created if missing. Existing files of the same names are
-            overwritten.
+            overwritten, and demo images of an earlier set (``images/demo_<5 digits>.png``)
+            that this set does not write are removed.
         num_images: Number of images (bags).
         image_size: Side of the square images in pixels; cell sizes do not scale with it.
         seed: Seed; the same seed gives byte-identical files.
@@ -126,6 +131,19 @@ def generate_demo_set(
             cell_rows.append((bag_id, *cell_box(cell, image_size), int(cell.abnormal)))
         num_positive += positive
         num_abnormal += sum(cell.abnormal for cell in cells)
+
+    # Images of an earlier, larger demo set in the same folder would join any pretraining run
+    # that reads images/, so they are removed. Only names this generator writes are touched.
+    written = {f"{row[0]}.png" for row in label_rows}
+    stale = [
+        path
+        for path in image_dir.glob("demo_*.png")
+        if _DEMO_NAME.fullmatch(path.name) and path.name not in written
+    ]
+    for path in stale:
+        path.unlink()
+    if stale:
+        logger.info("removed %d demo images of an earlier demo set from %s", len(stale), image_dir)
 
     _write_csv(out_dir / "labels.csv", ("bag_id", "label", "path"), label_rows)
     _write_csv(out_dir / "cells.csv", ("bag_id", "x0", "y0", "x1", "y1", "abnormal"), cell_rows)
