@@ -83,12 +83,18 @@ class HeadConfig:
 
 @dataclass
 class LossConfig:
-    """iBOT loss: CLS self-distillation plus masked-patch distillation, with centring."""
+    """iBOT loss: CLS self-distillation plus masked-patch distillation, with centring.
+
+    ``centering: sinkhorn_knopp`` replaces iBOT's EMA centring of the teacher outputs with
+    DINOv2's Sinkhorn-Knopp balancing over the global batch (``sinkhorn_iterations`` rounds).
+    """
 
     student_temp: float = 0.1
     center_momentum: float = 0.9
     cls_weight: float = 1.0
     patch_weight: float = 1.0
+    centering: Literal["ema", "sinkhorn_knopp"] = "ema"
+    sinkhorn_iterations: int = 3
 
 
 @dataclass
@@ -207,6 +213,10 @@ def validate(config: PretrainConfig) -> None:
         raise ConfigError(
             f"head.shared is true, so head.patch_out_dim ({config.head.patch_out_dim}) must equal "
             f"head.out_dim ({config.head.out_dim})"
+        )
+    if config.loss.sinkhorn_iterations < 1:
+        raise ConfigError(
+            f"loss.sinkhorn_iterations must be at least 1, got {config.loss.sinkhorn_iterations}"
         )
     for index, source in enumerate(config.data.sources):
         if source.weight <= 0:

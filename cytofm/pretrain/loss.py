@@ -31,10 +31,14 @@ Where this module differs from bytedance/ibot:
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+
+from cytofm.pretrain.sinkhorn import sinkhorn_knopp
 
 
 def _distributed() -> bool:
@@ -56,6 +60,11 @@ class IBOTLoss(nn.Module):
         patch_weight: Weight of the patch term.
         center_momentum: EMA momentum of ``center``.
         patch_center_momentum: EMA momentum of ``patch_center``.
+        centering: ``ema`` subtracts the running centres before the teacher softmax (iBOT);
+            ``sinkhorn_knopp`` balances the teacher targets over the global batch instead
+            (DINOv2, see ``cytofm.pretrain.sinkhorn``). The centres are updated either way,
+            for monitoring.
+        sinkhorn_iterations: Normalisation rounds of ``sinkhorn_knopp``.
     """
 
     center: torch.Tensor
@@ -71,8 +80,12 @@ class IBOTLoss(nn.Module):
         patch_weight: float = 1.0,
         center_momentum: float = 0.9,
         patch_center_momentum: float = 0.9,
+        centering: Literal["ema", "sinkhorn_knopp"] = "ema",
+        sinkhorn_iterations: int = 3,
     ) -> None:
         super().__init__()
+        if centering not in ("ema", "sinkhorn_knopp"):
+            raise ValueError(f"centering must be 'ema' or 'sinkhorn_knopp', got {centering!r}")
         if num_global_crops < 1 or num_local_crops < 0:
             raise ValueError(
                 f"need at least one global crop and no negative local crop count, got "
@@ -88,6 +101,8 @@ class IBOTLoss(nn.Module):
         self.patch_weight = patch_weight
         self.center_momentum = center_momentum
         self.patch_center_momentum = patch_center_momentum
+        self.centering = centering
+        self.sinkhorn_iterations = sinkhorn_iterations
         self.register_buffer("center", torch.zeros(1, out_dim))
         self.register_buffer("patch_center", torch.zeros(1, patch_out_dim))
 
@@ -101,6 +116,9 @@ class IBOTLoss(nn.Module):
     ) -> torch.Tensor:
         """Centre and sharpen teacher logits into float32 probabilities.
 
+        With Sinkhorn-Knopp centring this runs collectives, so under torch.distributed every
+        rank must call it at the same step.
+
         Args:
             teacher_logits: ``[N, K]`` CLS logits, or ``[M, K']`` patch logits with
                 ``patch=True``.
@@ -108,8 +126,11 @@ class IBOTLoss(nn.Module):
             patch: Use ``patch_center`` instead of ``center``.
 
         Returns:
-            ``softmax((teacher_logits - centre) / teacher_temp)`` in float32, detached.
+            ``softmax((teacher_logits - centre) / teacher_temp)`` in float32, detached, or the
+            Sinkhorn-Knopp targets of ``teacher_logits`` (see ``centering``).
         """
+        if self.centering == "sinkhorn_knopp":
+            return sinkhorn_knopp(teacher_logits, teacher_temp, self.sinkhorn_iterations)
         center = self.patch_center if patch else self.center
         logits = teacher_logits.detach().float()
         return F.softmax((logits - center) / teacher_temp, dim=-1)

@@ -203,6 +203,8 @@ class PretrainTrainer:
             patch_weight=config.loss.patch_weight,
             center_momentum=config.loss.center_momentum,
             patch_center_momentum=config.loss.center_momentum,
+            centering=config.loss.centering,
+            sinkhorn_iterations=config.loss.sinkhorn_iterations,
         ).to(self.device)
         self.optimizer = build_optimizer(self.student, config, self.device)
         self.scaler = self.precision.make_grad_scaler()
