@@ -87,8 +87,17 @@ def check_num_heads(num_heads: int, embed_dim: int) -> None:
     )
 
 
+class ImageSizeError(ValueError):
+    """An image size that is not a positive multiple of the patch size."""
+
+    def __init__(self, message: str, img_size: int | tuple[int, int], patch_size: int) -> None:
+        super().__init__(message)
+        self.img_size = img_size
+        self.patch_size = patch_size
+
+
 def check_img_size(img_size: int | tuple[int, int], patch_size: int, key: str = "img_size") -> None:
-    """Raise a ValueError unless every side of ``img_size`` is a positive multiple of the patch.
+    """Raise an ImageSizeError unless every side of ``img_size`` is a multiple of the patch.
 
     Args:
         img_size: Side, or (height, width), in pixels.
@@ -102,9 +111,11 @@ def check_img_size(img_size: int | tuple[int, int], patch_size: int, key: str = 
     lower = max(patch_size, bad[0] // patch_size * patch_size)
     upper = lower + patch_size if bad[0] > lower else lower
     nearest = f"{lower} or {upper}" if upper != lower else str(lower)
-    raise ValueError(
+    raise ImageSizeError(
         f"{key}={img_size} is not a multiple of the patch size {patch_size}; the image is cut "
-        f"into {patch_size}x{patch_size} patches, so use e.g. {key}={nearest}"
+        f"into {patch_size}x{patch_size} patches, so use e.g. {key}={nearest}",
+        img_size,
+        patch_size,
     )
 
 
