@@ -369,3 +369,27 @@ def test_unknown_bag_error_without_quotes(tmp_path):
     with pytest.raises(KeyError) as caught:
         FeatureSet(folder).row("nope")
     assert str(caught.value) == f"bag 'nope' not found in feature set {folder}"
+
+
+def test_labels_csv_with_bom_read(tmp_path):
+    from cytofm.evaluation.bag_table import load_label_table
+    from cytofm.evaluation.config import LabelsConfig
+
+    labels_csv = tmp_path / "labels.csv"
+    # Excel's "CSV UTF-8" starts the file with a byte order mark.
+    labels_csv.write_text("bag_id,label\na,pos\nb,neg\nc,pos\n", encoding="utf-8-sig")
+    assert labels_csv.read_bytes().startswith(b"\xef\xbb\xbf")
+    table = load_label_table(LabelsConfig(csv=labels_csv), tmp_path / "unused.csv", ["a", "b", "c"])
+    assert table.bag_ids == ["a", "b", "c"]
+    assert table.class_names == ["neg", "pos"]
+    assert table.labels.tolist() == [1, 0, 1]
+
+
+def test_index_with_bom_read(tmp_path):
+    path = tmp_path / "index.csv"
+    path.write_text(
+        "bag_id,label,group,split,num_instances,file\na,pos,,,3,a.pt\n", encoding="utf-8-sig"
+    )
+    rows = read_index(path)
+    assert [row.bag_id for row in rows] == ["a"]
+    assert rows[0].num_instances == 3
