@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cytofm.cli.output_folder import make_output_folder
 from cytofm.data.decode import ImageDecodeError
 from cytofm.utils.logging import setup_logging
 
@@ -227,7 +229,12 @@ def run_command(args: argparse.Namespace) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, draw the figures and return the process exit code (0, or 1 on error)."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.out / LOG_NAME)
+    try:
+        make_output_folder(args.out)
+        setup_logging(args.out / LOG_NAME)
+    except OSError as error:
+        sys.stderr.write(f"cytofm-visualize: {error}\n")
+        return 1
     try:
         written = run_command(args)
     except (OSError, ValueError, LookupError, ImportError, ImageDecodeError) as error:
