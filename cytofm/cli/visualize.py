@@ -86,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="reach a multiple of the patch size by resizing to the nearest multiple "
         "(default) or by padding bottom and right",
     )
-    attention.add_argument("--arch", help="preset name, used only for the number of heads")
+    attention.add_argument(
+        "--arch", help="preset name for the number of heads; must match the checkpoint width"
+    )
     attention.add_argument("--num-heads", type=_positive_int, help="number of attention heads")
     attention.add_argument("--which", choices=("teacher", "student"), default="teacher")
     attention.add_argument(
