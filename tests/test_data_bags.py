@@ -163,3 +163,33 @@ def test_wsi_bags_with_fake_slide(tmp_path, monkeypatch):
     boxes = [box for _, box in bag.iter_instances()]
     assert boxes == [(x, y, x + 1024, y + 1024) for y in (0, 1024) for x in (0, 1024)]
     assert slides[0].closed
+
+
+def test_image_tiles_without_labels_csv_names_key(tmp_path):
+    with pytest.raises(ValueError, match="set bags.labels_csv to a file with columns bag_id,label"):
+        build_bags(BagConfig(root=tmp_path))
+
+
+def test_bag_id_without_extension_finds_image(tmp_path):
+    _stained_image(tmp_path / "demo_00000.png")
+    _stained_image(tmp_path / "demo_00001.jpg")
+    (tmp_path / "demo_00000.txt").write_text("not an image")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("bag_id,label\ndemo_00000,x\ndemo_00001,y\n")
+    bags = build_bags(BagConfig(root=tmp_path, labels_csv=labels, tile_size=32))
+    assert [bag.reader.path for bag in bags] == [
+        tmp_path / "demo_00000.png",
+        tmp_path / "demo_00001.jpg",
+    ]
+
+
+def test_bag_id_with_two_image_files_rejected(tmp_path):
+    _stained_image(tmp_path / "a.png")
+    _stained_image(tmp_path / "a.tif")
+    labels = tmp_path / "labels.csv"
+    labels.write_text("bag_id,label\na,x\n")
+    with pytest.raises(ValueError) as raised:
+        build_bags(BagConfig(root=tmp_path, labels_csv=labels))
+    message = str(raised.value)
+    assert "several files match it: a.png, a.tif" in message
+    assert f"add a path column to {labels}" in message

@@ -65,3 +65,11 @@ def test_read_cell_boxes(tmp_path):
     (tmp_path / "bad.csv").write_text("bag_id,x0\n")
     with pytest.raises(ValueError, match="missing column"):
         read_cell_boxes(tmp_path / "bad.csv")
+
+
+def test_read_cell_boxes_with_bom(tmp_path):
+    path = tmp_path / "cells.csv"
+    path.write_text("bag_id,x0,y0,x1,y1,abnormal\nb,1,2,3,4,1\n", encoding="utf-8-sig")
+    cells = read_cell_boxes(path)
+    assert list(cells) == ["b"]
+    assert cells["b"].tolist() == [[1.0, 2.0, 3.0, 4.0, 1.0]]

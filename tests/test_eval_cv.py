@@ -369,3 +369,96 @@ def test_unknown_bag_error_without_quotes(tmp_path):
     with pytest.raises(KeyError) as caught:
         FeatureSet(folder).row("nope")
     assert str(caught.value) == f"bag 'nope' not found in feature set {folder}"
+
+
+def test_labels_csv_with_bom_read(tmp_path):
+    from cytofm.evaluation.bag_table import load_label_table
+    from cytofm.evaluation.config import LabelsConfig
+
+    labels_csv = tmp_path / "labels.csv"
+    # Excel's "CSV UTF-8" starts the file with a byte order mark.
+    labels_csv.write_text("bag_id,label\na,pos\nb,neg\nc,pos\n", encoding="utf-8-sig")
+    assert labels_csv.read_bytes().startswith(b"\xef\xbb\xbf")
+    table = load_label_table(LabelsConfig(csv=labels_csv), tmp_path / "unused.csv", ["a", "b", "c"])
+    assert table.bag_ids == ["a", "b", "c"]
+    assert table.class_names == ["neg", "pos"]
+    assert table.labels.tolist() == [1, 0, 1]
+
+
+def test_index_with_bom_read(tmp_path):
+    path = tmp_path / "index.csv"
+    path.write_text(
+        "bag_id,label,group,split,num_instances,file\na,pos,,,3,a.pt\n", encoding="utf-8-sig"
+    )
+    rows = read_index(path)
+    assert [row.bag_id for row in rows] == ["a"]
+    assert rows[0].num_instances == 3
+
+
+def _write_earlier_run(out):
+    """An earlier 3-fold run over feature sets a and b, plus files of the user's own."""
+    for name in ("a", "b"):
+        for fold in range(3):
+            fold_dir = out / name / "abmil" / "seed0" / f"fold{fold}"
+            fold_dir.mkdir(parents=True)
+            (fold_dir / "predictions.csv").write_text("bag_id\n")
+    (out / "results.json").write_text(json.dumps({"rows": [{"feature_set": "a"}]}))
+    (out / "results.md").write_text("# old\n")
+    (out / "config.yaml").write_text("feature_sets:\n- {name: a, path: x}\n- {name: b, path: y}\n")
+    (out / "eval.log").write_text("old log\n")
+    (out / "notes.txt").write_text("mine\n")
+    (out / "figures").mkdir()
+
+
+def test_earlier_run_rejected_without_overwrite(tmp_path):
+    from cytofm.evaluation.run_folder import EarlierRunError, prepare_run_folder
+
+    out = tmp_path / "out"
+    _write_earlier_run(out)
+    with pytest.raises(EarlierRunError) as raised:
+        prepare_run_folder(out, overwrite=False)
+    message = str(raised.value)
+    assert message.startswith(f"{out} already contains an evaluation (")
+    assert "overwrite=true" in message
+    assert (out / "a" / "abmil" / "seed0" / "fold2").is_dir()
+    assert prepare_run_folder(tmp_path / "fresh", overwrite=False) == []
+
+
+def test_overwrite_deletes_only_run_outputs(tmp_path):
+    from cytofm.evaluation.run_folder import prepare_run_folder
+
+    out = tmp_path / "out"
+    _write_earlier_run(out)
+    deleted = prepare_run_folder(out, overwrite=True)
+    assert len(deleted) == 6  # 4 run files and the folders of feature sets a and b
+    assert sorted(path.name for path in out.iterdir()) == ["figures", "notes.txt"]
+
+
+def test_cli_overwrite_replaces_earlier_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    _write_earlier_run(out)
+    folder = write_feature_set(tmp_path / "set", planted_signal_bags(8, seed=9))
+    sets = f"feature_sets=[{{name: a, path: {folder}}}]"
+    argv = [f"out={out}", *FAST, "folds=2", "train.epochs=1", "num_threads=1", sets]
+    assert eval_mil_main(argv) == 1
+    assert capsys.readouterr().err.startswith(f"cytofm-eval-mil: {out} already contains")
+    assert (out / "results.md").read_text() == "# old\n"
+
+    assert eval_mil_main([*argv, "overwrite=true"]) == 0
+    assert sorted(path.name for path in (out / "a" / "abmil" / "seed0").iterdir()) == [
+        "fold0",
+        "fold1",
+    ]
+    assert not (out / "b").exists()
+    assert (out / "notes.txt").read_text() == "mine\n"
+    assert json.loads((out / "results.json").read_text())["rows"][0]["runs"] == 2
+
+
+def test_cli_out_below_a_file_fails_cleanly(tmp_path, capsys):
+    blocker = tmp_path / "cell.png"
+    blocker.write_bytes(b"not a folder")
+    assert eval_mil_main([f"out={blocker / 'x'}", *FAST]) == 1
+    assert capsys.readouterr().err == (
+        f"cytofm-eval-mil: cannot create output folder {blocker / 'x'}: {blocker} is a file, "
+        "not a folder; choose another output path\n"
+    )

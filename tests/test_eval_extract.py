@@ -203,7 +203,7 @@ def test_random_init_keeps_checkpoint_shape(tmp_path):
     trained = build_vit(img_size=32, **TINY)
     path = tmp_path / "vit.pth"
     torch.save({k: v for k, v in trained.state_dict().items() if k != "mask_token"}, path)
-    loaded = build_extractor(BackboneConfig(source=str(path), arch="vit_small"), device=CPU)
+    loaded = build_extractor(BackboneConfig(source=str(path), num_heads=2), device=CPU)
     random_a = build_extractor(
         BackboneConfig(source=str(path), random_init=True, seed=3), device=CPU
     )
@@ -357,3 +357,202 @@ def test_truncated_file_on_rerun_names_file(tmp_path):
     assert str(path) in str(caught.value)
     rows = extract_bags(bags, extractor, folder, overwrite=True)
     assert [row.num_instances for row in rows] == [2, 3]
+
+
+def _save_tiny_checkpoint(path, seed):
+    torch.manual_seed(seed)
+    model = build_vit(img_size=32, **TINY)
+    torch.save({k: v for k, v in model.state_dict().items() if k != "mask_token"}, path)
+
+
+def _extract_with_checkpoint(bags, path, folder, overwrite=False):
+    config = BackboneConfig(source=str(path), num_heads=2)
+    extractor = build_extractor(config, device=CPU)
+    meta = {"backbone": {"source": str(path)}}
+    return extract_bags(bags, extractor, folder, overwrite=overwrite, meta=meta)
+
+
+def test_changed_checkpoint_stops_resume(tmp_path):
+    bags = make_bags(sizes=(2, 3))
+    checkpoint = tmp_path / "vit.pth"
+    folder = tmp_path / "set"
+    _save_tiny_checkpoint(checkpoint, seed=0)
+    _extract_with_checkpoint(bags, checkpoint, folder)
+    identity = read_meta(folder / "meta.json")["weights"]
+    assert identity["kind"] == "file"
+    assert identity["size"] == checkpoint.stat().st_size
+    assert identity["mtime_ns"] == checkpoint.stat().st_mtime_ns
+    assert identity["path"] == str(checkpoint.resolve())
+
+    _save_tiny_checkpoint(checkpoint, seed=1)  # same path and size, other weights
+    (folder / "features" / safe_file_name("slide_0")).unlink()
+    with pytest.raises(ValueError, match="contains features of other weights") as raised:
+        _extract_with_checkpoint(bags, checkpoint, folder)
+    message = str(raised.value)
+    assert str(folder) in message
+    assert "name= or out=" in message
+    assert "overwrite=true" in message
+    assert [len(bag.reads) for bag in bags] == [1, 1]
+
+    rows = _extract_with_checkpoint(bags, checkpoint, folder, overwrite=True)
+    assert [row.num_instances for row in rows] == [2, 3]
+    new_identity = read_meta(folder / "meta.json")["weights"]
+    assert new_identity["sha256_first_last_mib"] != identity["sha256_first_last_mib"]
+
+
+def test_touched_checkpoint_still_resumes(tmp_path):
+    import os
+
+    bags = make_bags(sizes=(2, 3))
+    checkpoint = tmp_path / "vit.pth"
+    folder = tmp_path / "set"
+    _save_tiny_checkpoint(checkpoint, seed=0)
+    _extract_with_checkpoint(bags, checkpoint, folder)
+    stat = checkpoint.stat()
+    os.utime(checkpoint, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**9))
+    _extract_with_checkpoint(bags, checkpoint, folder)
+    assert [len(bag.reads) for bag in bags] == [1, 1]
+
+
+def test_random_init_identity_is_seed_and_shape(tmp_path):
+    bags = make_bags(sizes=(2,))
+    checkpoint = tmp_path / "vit.pth"
+    _save_tiny_checkpoint(checkpoint, seed=0)
+    folder = tmp_path / "set"
+    for seed in (3, 4):
+        config = BackboneConfig(source=str(checkpoint), num_heads=2, random_init=True, seed=seed)
+        extractor = build_extractor(config, device=CPU)
+        assert extractor.weights["kind"] == "random_init"
+        assert extractor.weights["seed"] == seed
+        assert extractor.weights["spec"]["embed_dim"] == 32
+        if seed == 3:
+            extract_bags(bags, extractor, folder)
+    with pytest.raises(ValueError, match="other weights"):
+        extract_bags(bags, extractor, folder)
+    random_vit = build_extractor(BackboneConfig(source="random", arch="vit_tiny"), device=CPU)
+    assert random_vit.weights["kind"] == "random"
+    assert random_vit.weights["spec"]["embed_dim"] == 192
+    assert HandcraftedExtractor(img_size=None, device=CPU).weights == {
+        "kind": "handcrafted",
+        "embed_dim": DESCRIPTOR_DIM,
+    }
+
+
+def test_overwrite_deletes_earlier_feature_files(tmp_path):
+    folder = tmp_path / "set"
+    extractor = HandcraftedExtractor(img_size=None, device=CPU)
+    extract_bags(make_bags(sizes=(2, 3)), extractor, folder)
+    stale = folder / "features" / safe_file_name("slide 1/region")
+    assert stale.is_file()
+    extract_bags(make_bags(sizes=(2,)), extractor, folder, overwrite=True)
+    assert not stale.exists()
+    assert sorted(path.name for path in (folder / "features").iterdir()) == [
+        safe_file_name("slide_0")
+    ]
+
+
+@dataclass
+class BrokenBag:
+    bag_id: str = "b1.png"
+    label: str | None = "negative"
+    group: str | None = None
+    split: str | None = None
+
+    def iter_instances(self):
+        from cytofm.data.decode import ImageDecodeError
+
+        raise ImageDecodeError("data/b1.png", "cannot decode the image")
+        yield  # a generator, like the real bags
+
+
+@pytest.mark.parametrize("num_workers", [0, 1])
+def test_unreadable_bag_keeps_earlier_and_hints(tmp_path, num_workers):
+    bags = [*make_bags(sizes=(2,)), BrokenBag()]
+    folder = tmp_path / "set"
+    with pytest.raises(RuntimeError) as raised:
+        extract_bags(
+            bags,
+            HandcraftedExtractor(img_size=None, device=CPU),
+            folder,
+            batch_size=4,
+            num_workers=num_workers,
+        )
+    message = str(raised.value)
+    assert message.startswith("reading bag 'b1.png' failed: ")
+    assert "\n" not in message
+    assert "Fix or replace the file" in message
+    assert "remove the bag from the labels CSV (bags.labels_csv)" in message
+    assert "Bags already extracted are kept" in message
+    record = load_bag_features(folder / "features" / safe_file_name("slide_0"))
+    assert record["features"].shape == (2, DESCRIPTOR_DIM)
+
+
+def test_default_num_workers_follows_affinity(monkeypatch):
+    import os
+
+    from cytofm.evaluation.extract import ExtractConfig
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {0, 1}, raising=False)
+    assert ExtractConfig().num_workers == 2
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert ExtractConfig().num_workers == 4
+
+
+def _demo_argv(tmp_path, *extra):
+    from cytofm.data.demo import generate_demo_set
+
+    demo = tmp_path / "demo"
+    generate_demo_set(demo, num_images=2, image_size=64, seed=0)
+    return [
+        f"bags.root={demo}",
+        f"bags.labels_csv={demo / 'labels.csv'}",
+        "bags.tile_size=32",
+        "device=cpu",
+        "num_workers=0",
+        *extra,
+    ]
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("backbone.img_size=60", "backbone.img_size=60 is not a multiple of the patch size 8"),
+        ("backbone.num_heads=3", "num_heads=3 does not divide the width embed_dim=32"),
+        ("backbone.arch=vit_base", "arch='vit_base' (width 768, depth 12) does not match"),
+    ],
+)
+def test_cli_checkpoint_errors_one_line(tmp_path, override, expected):
+    checkpoint = tmp_path / "vit.pth"
+    _save_tiny_checkpoint(checkpoint, seed=0)
+    argv = _demo_argv(tmp_path, f"backbone.source={checkpoint}", f"out={tmp_path / 'f'}")
+    assert extract_main([*argv, override]) == 1
+    log = (tmp_path / "f" / "vit" / "extract.log").read_text().splitlines()
+    errors = [line for line in log if " ERROR " in line]
+    assert len(errors) == 1
+    assert expected in errors[0]
+    assert errors[0] == log[-1]  # no traceback lines follow
+
+
+def test_cli_folder_source_lists_checkpoints(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    _save_tiny_checkpoint(run / "teacher.pth", seed=0)
+    argv = _demo_argv(tmp_path, f"backbone.source={run}", f"out={tmp_path / 'f'}")
+    assert extract_main(argv) == 1
+    log = (tmp_path / "f" / "run" / "extract.log").read_text()
+    assert "backbone checkpoint not found" not in log
+    assert f"backbone.source: {run} is a folder, not a checkpoint file" in log
+    assert str(run / "teacher.pth") in log
+
+
+def test_cli_out_below_a_file_fails_cleanly(tmp_path, capsys):
+    blocker = tmp_path / "cell.png"
+    blocker.write_bytes(b"not a folder")
+    argv = _demo_argv(tmp_path, "backbone.source=handcrafted", f"out={blocker / 'x'}")
+    capsys.readouterr()  # drop the demo set's progress bar
+    assert extract_main(argv) == 1
+    error = capsys.readouterr().err
+    assert error == (
+        f"cytofm-extract: cannot create output folder {blocker / 'x' / 'handcrafted'}: "
+        f"{blocker} is a file, not a folder; choose another output path\n"
+    )

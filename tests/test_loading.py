@@ -314,8 +314,89 @@ def test_non_checkpoint_files_named(tmp_path, content, expected):
 def test_directory_rejected(tmp_path):
     folder = tmp_path / "model.pth"
     folder.mkdir()
-    with pytest.raises(CheckpointError, match="is a directory"):
+    with pytest.raises(CheckpointError, match="is a folder, not a checkpoint file") as raised:
         load_backbone(folder)
+    assert "contains no *.pt" in str(raised.value)
+
+
+def test_folder_lists_checkpoints_inside(tmp_path):
+    folder = tmp_path / "run"
+    (folder / "checkpoints").mkdir(parents=True)
+    for name in ("teacher.pth", "checkpoints/checkpoint-0002.pt", "notes.txt", "model.bin"):
+        (folder / name).write_bytes(b"x")
+    with pytest.raises(CheckpointError) as raised:
+        load_backbone(folder)
+    message = str(raised.value)
+    assert f"{folder} is a folder" in message
+    assert str(folder / "checkpoints" / "checkpoint-0002.pt") in message
+    assert str(folder / "teacher.pth") in message
+    assert str(folder / "model.bin") in message
+    assert "notes.txt" not in message
+
+
+def test_garbage_file_gives_no_torch_advice(tmp_path):
+    path = tmp_path / "weights.pth"
+    path.write_bytes(bytes(range(256)) * 20)
+    with pytest.raises(CheckpointError) as raised:
+        load_backbone(path)
+    message = str(raised.value)
+    assert message == f"{path}: not a readable PyTorch checkpoint (Unsupported operand 0)"
+
+
+def test_unsafe_pickle_message_is_ours(tmp_path):
+    path = tmp_path / "evil.pth"
+    torch.save({"payload": _Exploit(tmp_path / "marker")}, path)
+    with pytest.raises(UnsafeCheckpointError) as raised:
+        load_backbone(path)
+    message = str(raised.value)
+    assert message.startswith(f"{path}: not loaded because its pickle refers to getattr,")
+    assert "trust_pickle=True" in message
+    assert "two options" not in message
+    assert "weights_only" not in message
+    assert ". ." not in message
+
+
+def test_img_size_not_patch_multiple_rejected(tmp_path):
+    model = source_model(seed=15)  # patch 16
+    path = tmp_path / "vit.pth"
+    torch.save(timm_backbone_keys(model), path)
+    with pytest.raises(ValueError) as raised:
+        load_backbone(path, img_size=60)
+    message = str(raised.value)
+    assert "img_size=60 is not a multiple of the patch size 16" in message
+    assert "img_size=48 or 64" in message
+
+
+def test_num_heads_not_dividing_width_rejected(tmp_path):
+    model = source_model(seed=16)  # width 128
+    path = tmp_path / "vit.pth"
+    torch.save(timm_backbone_keys(model), path)
+    with pytest.raises(ValueError) as raised:
+        load_backbone(path, num_heads=3)
+    message = str(raised.value)
+    assert "num_heads=3 does not divide the width embed_dim=128" in message
+    assert "[1, 2, 4, 8, 16, 32, 64, 128]" in message
+
+
+@pytest.mark.parametrize("arch", ["vit_base", "vit_tiny"])
+def test_arch_disagreeing_with_weights_rejected(tmp_path, arch):
+    model = source_model(seed=17)  # width 128, depth 2
+    path = tmp_path / "vit.pth"
+    torch.save(timm_backbone_keys(model), path)
+    with pytest.raises(ValueError) as raised:
+        load_backbone(path, arch=arch)
+    message = str(raised.value)
+    assert f"arch={arch!r}" in message
+    assert "(width 128, depth 2)" in message
+    assert str(path) in message
+
+
+def test_unknown_arch_rejected(tmp_path):
+    model = source_model(seed=18)
+    path = tmp_path / "vit.pth"
+    torch.save(timm_backbone_keys(model), path)
+    with pytest.raises(ValueError, match="unknown arch 'vit_huge'"):
+        load_backbone(path, arch="vit_huge")
 
 
 def test_unsafe_pickle_hint_names_options(tmp_path):

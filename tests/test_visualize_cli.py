@@ -66,3 +66,14 @@ def test_embeddings_command(tmp_path):
     assert code == 0
     assert (out / "embeddings_bag_tsne.png").is_file()
     assert (out / "embeddings_bag_tsne.csv").is_file()
+
+
+def test_out_below_a_file_fails_cleanly(tmp_path, capsys):
+    image = write_noise_image(tmp_path / "cell.png", 36, 52)
+    out = image / "x"
+    code = main(["attention", str(image), "--checkpoint", "c.pt", "--out", str(out)])
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"cytofm-visualize: cannot create output folder {out}: {image} is a file, not a "
+        "folder; choose another output path\n"
+    )

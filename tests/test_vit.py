@@ -4,7 +4,12 @@ import pytest
 import timm
 import torch
 
-from cytofm.models.vit import ARCHITECTURES, attention_probabilities, build_vit
+from cytofm.models.vit import (
+    ARCHITECTURES,
+    attention_probabilities,
+    build_vit,
+    check_img_size,
+)
 
 
 def tiny_vit(**kwargs):
@@ -101,3 +106,28 @@ def test_attention_probabilities_match_manual():
         q, k, _ = attn.qkv(x).reshape(1, 5, 3, 2, 32).permute(2, 0, 3, 1, 4)
         manual = torch.softmax(q @ k.transpose(-1, -2) / 32**0.5, dim=-1)
     assert torch.allclose(probs, manual, atol=1e-6)
+
+
+def test_build_vit_rejects_bad_num_heads():
+    with pytest.raises(ValueError) as raised:
+        build_vit("vit_small", embed_dim=32, depth=1, num_heads=3, patch_size=8, img_size=32)
+    message = str(raised.value)
+    assert "num_heads=3 does not divide the width embed_dim=32" in message
+    assert "[1, 2, 4, 8, 16, 32]" in message
+
+
+@pytest.mark.parametrize(
+    ("img_size", "nearest"),
+    [(60, "56 or 64"), (4, "8"), ((64, 30), "24 or 32")],
+)
+def test_check_img_size_names_nearest(img_size, nearest):
+    with pytest.raises(ValueError) as raised:
+        check_img_size(img_size, 8, key="backbone.img_size")
+    message = str(raised.value)
+    assert f"backbone.img_size={img_size} is not a multiple of the patch size 8" in message
+    assert f"use e.g. backbone.img_size={nearest}" in message
+
+
+def test_check_img_size_accepts_multiples():
+    check_img_size(64, 8)
+    check_img_size((32, 48), 16)

@@ -9,10 +9,12 @@ from collections.abc import Sequence
 
 import torch
 
+from cytofm.cli.output_folder import make_output_folder
 from cytofm.config import ConfigError, load_config, save_config
 from cytofm.evaluation.config import EvalConfig
 from cytofm.evaluation.cross_validation import DeviceUnavailableError, run_cross_validation
 from cytofm.evaluation.report import render_markdown, write_comparison
+from cytofm.evaluation.run_folder import EarlierRunError, prepare_run_folder
 from cytofm.utils.logging import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -25,7 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "k-fold cross-validation of attention MIL heads on features written by "
             "cytofm-extract. Writes results.md/.csv/.json, per-fold predictions and "
-            "attention, the resolved config and a log to the 'out' folder."
+            "attention, the resolved config and a log to the 'out' folder; an 'out' that "
+            "contains an earlier evaluation needs overwrite=true."
         ),
     )
     parser.add_argument("--config", help="YAML file with the evaluation config")
@@ -50,13 +53,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     if config.num_threads is not None:
         torch.set_num_threads(config.num_threads)
     out_dir = config.out
-    out_dir.mkdir(parents=True, exist_ok=True)
-    setup_logging(out_dir / "eval.log")
-    save_config(config, out_dir / "config.yaml")
+    try:
+        make_output_folder(out_dir)
+        deleted = prepare_run_folder(out_dir, config.overwrite)
+        setup_logging(out_dir / "eval.log")
+        save_config(config, out_dir / "config.yaml")
+    except (OSError, EarlierRunError) as error:
+        sys.stderr.write(f"cytofm-eval-mil: {error}\n")
+        return 1
+    if deleted:
+        logger.info("overwrite: deleted the earlier evaluation's %s", ", ".join(map(str, deleted)))
     logger.info("evaluation of %d feature set(s) into %s", len(config.feature_sets), out_dir)
     try:
         result = run_cross_validation(config, out_dir)
-    except (ValueError, KeyError, FileNotFoundError, DeviceUnavailableError) as error:
+    except (ValueError, KeyError, OSError, DeviceUnavailableError) as error:
         logger.error("evaluation failed: %s", error)
         return 1
     rows = write_comparison(result, out_dir)

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
+from cytofm.cli.output_folder import make_output_folder
 from cytofm.config import ConfigError, load_config, save_config
 from cytofm.evaluation.extract import ExtractConfig, extract_features
 from cytofm.evaluation.extractors import default_feature_set_name
@@ -60,12 +61,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(config.num_threads)
 
     folder = config.out / (config.name or default_feature_set_name(config.backbone))
-    folder.mkdir(parents=True, exist_ok=True)
-    setup_logging(folder / "extract.log")
-    save_config(config, folder / "config.yaml")
+    try:
+        make_output_folder(folder)
+        setup_logging(folder / "extract.log")
+        save_config(config, folder / "config.yaml")
+    except OSError as error:
+        sys.stderr.write(f"cytofm-extract: {error}\n")
+        return 1
     try:
         extract_features(config)
-    except (ValueError, FileNotFoundError, FloatingPointError, RuntimeError) as error:
+    except (ValueError, OSError, FloatingPointError, RuntimeError) as error:
         logger.error("extraction failed: %s", error)
         return 1
     logger.info("features ready in %s", folder)

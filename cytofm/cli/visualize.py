@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from cytofm.cli.output_folder import make_output_folder
 from cytofm.data.decode import ImageDecodeError
 from cytofm.utils.logging import setup_logging
 
@@ -84,7 +86,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="reach a multiple of the patch size by resizing to the nearest multiple "
         "(default) or by padding bottom and right",
     )
-    attention.add_argument("--arch", help="preset name, used only for the number of heads")
+    attention.add_argument(
+        "--arch", help="preset name for the number of heads; must match the checkpoint width"
+    )
     attention.add_argument("--num-heads", type=_positive_int, help="number of attention heads")
     attention.add_argument("--which", choices=("teacher", "student"), default="teacher")
     attention.add_argument(
@@ -227,7 +231,12 @@ def run_command(args: argparse.Namespace) -> list[Path]:
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse arguments, draw the figures and return the process exit code (0, or 1 on error)."""
     args = build_parser().parse_args(argv)
-    setup_logging(args.out / LOG_NAME)
+    try:
+        make_output_folder(args.out)
+        setup_logging(args.out / LOG_NAME)
+    except OSError as error:
+        sys.stderr.write(f"cytofm-visualize: {error}\n")
+        return 1
     try:
         written = run_command(args)
     except (OSError, ValueError, LookupError, ImportError, ImageDecodeError) as error:

@@ -7,7 +7,8 @@ for slides). Bag kinds (``BagConfig.kind``):
 ``image_tiles``
     Labels CSV ``bag_id,label[,group][,split][,path]``. Each bag is one image tiled on a grid.
     The image is ``root / path`` when a ``path`` column is present and non-empty, else
-    ``root / bag_id``.
+    ``root / bag_id``, or ``root / <bag_id>.<image extension>`` when ``bag_id`` has no
+    extension and exactly one such file exists.
 ``tile_folder``
     Same CSV; each bag is a folder of tile images, ``root / path`` or ``root / bag_id``. A tile
     whose file name contains ``x<X>_y<Y>`` (e.g. ``slide3_x512_y1024.png``) gets its box at
@@ -23,8 +24,8 @@ for slides). Bag kinds (``BagConfig.kind``):
     ``root/<class>/<image>``: one bag per image (``bag_id`` = ``<class>/<image name>``, label =
     class), tiled like ``image_tiles``.
 ``wsi``
-    Labels CSV as for ``image_tiles`` but naming slides; tiled at ``magnification`` with
-    OpenSlide (``pip install cytofm[wsi]``).
+    Labels CSV as for ``image_tiles`` but naming slides (a missing extension is looked up
+    among OpenSlide's); tiled at ``magnification`` with OpenSlide (``pip install cytofm[wsi]``).
 
 Tile sizes and strides are in pixels at the target scale; ``scale`` is output pixels per
 source pixel. Tiles whose glass share is above ``background_threshold`` are dropped.
@@ -33,6 +34,7 @@ source pixel. Tiles whose glass share is above ``background_threshold`` are drop
 from __future__ import annotations
 
 import csv
+import glob
 import logging
 import re
 from collections.abc import Iterator
@@ -42,7 +44,7 @@ from typing import Literal
 
 from PIL import Image
 
-from cytofm.data.decode import DEFAULT_MAX_PIXELS, load_rgb
+from cytofm.data.decode import DEFAULT_MAX_PIXELS, IMAGE_EXTENSIONS, load_rgb
 from cytofm.data.listing import list_images
 from cytofm.data.tiling import BackgroundFilter, Box, crop_padded, iter_grid_tiles, resize_to_scale
 
@@ -249,7 +251,10 @@ def build_bags(config: BagConfig) -> list[BagSpec]:
 
 def _csv_bags(config: BagConfig, root: Path) -> list[BagSpec]:
     if config.labels_csv is None:
-        raise ValueError(f"bag kind {config.kind} needs labels_csv (bag_id,label[,path])")
+        raise ValueError(
+            f"bag kind {config.kind} needs a labels CSV: set bags.labels_csv to a file with "
+            "columns bag_id,label[,group][,split][,path]"
+        )
     bags = []
     for row in read_labels_csv(config.labels_csv):
         target = root / (row["path"] or row["bag_id"])
@@ -258,12 +263,41 @@ def _csv_bags(config: BagConfig, root: Path) -> list[BagSpec]:
                 raise FileNotFoundError(f"tile folder of bag {row['bag_id']!r} not found: {target}")
             reader = TileFolder(target, config)
         else:
+            if not target.is_file() and not row["path"]:
+                target = _file_with_extension(target, row["bag_id"], config)
             if not target.is_file():
                 raise FileNotFoundError(f"file of bag {row['bag_id']!r} not found: {target}")
             reader_class = SlideTiles if config.kind == "wsi" else ImageTiles
             reader = reader_class(target, config)
         bags.append(BagSpec(row["bag_id"], row["label"], row["group"], row["split"], reader))
     return bags
+
+
+def _file_with_extension(target: Path, bag_id: str, config: BagConfig) -> Path:
+    """Find ``<bag_id>.<extension>`` for a bag id given without its file extension.
+
+    Returns ``target`` unchanged when no such file exists, so the caller reports it missing.
+
+    Raises:
+        ValueError: several files share the stem (e.g. ``a.png`` and ``a.jpg``).
+    """
+    from cytofm.data.wsi import SLIDE_EXTENSIONS
+
+    suffixes = SLIDE_EXTENSIONS if config.kind == "wsi" else IMAGE_EXTENSIONS
+    if not target.parent.is_dir():
+        return target
+    matches = sorted(
+        path
+        for path in target.parent.glob(glob.escape(target.name) + ".*")
+        if path.suffix.lower() in suffixes and path.stem == target.name and path.is_file()
+    )
+    if len(matches) > 1:
+        names = ", ".join(path.name for path in matches)
+        raise ValueError(
+            f"bag {bag_id!r} has no file extension and several files match it: {names}; add "
+            f"a path column to {config.labels_csv} naming the file of each bag"
+        )
+    return matches[0] if matches else target
 
 
 def _class_folder_bags(config: BagConfig, root: Path) -> list[BagSpec]:

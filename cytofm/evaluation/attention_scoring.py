@@ -46,7 +46,7 @@ def read_cell_boxes(cells_csv: str | Path) -> dict[str, np.ndarray]:
     if not cells_csv.is_file():
         raise FileNotFoundError(f"cell annotations not found: {cells_csv}")
     cells: dict[str, list[list[float]]] = {}
-    with cells_csv.open(newline="") as handle:
+    with cells_csv.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         required = ["bag_id", "x0", "y0", "x1", "y1", "abnormal"]
         missing = [column for column in required if column not in (reader.fieldnames or [])]

@@ -35,7 +35,7 @@ class LabelTable:
 
 
 def _read_rows(config: LabelsConfig, csv_path: Path) -> list[dict[str, str]]:
-    with csv_path.open(newline="") as handle:
+    with csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []
         for column in (config.id_column, config.label_column):

@@ -115,6 +115,9 @@ class EvalConfig:
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         num_threads: torch intra-op CPU threads; None keeps torch's default. The heads are
             small, so on a busy machine 1 thread can be several times faster than more.
+        overwrite: when ``out`` contains an earlier evaluation, delete its results, config,
+            log and feature-set folders first (other files are kept); without it such an
+            ``out`` is an error.
     """
 
     feature_sets: list[FeatureSetConfig] = field(default_factory=list)
@@ -126,6 +129,7 @@ class EvalConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     device: str = "auto"
     num_threads: int | None = None
+    overwrite: bool = False
 
     def __post_init__(self) -> None:
         check_eval_config(self)

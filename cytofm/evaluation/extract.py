@@ -9,6 +9,7 @@ embedded. Bags whose file already exists are skipped, so an interrupted run resu
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,6 +41,7 @@ from cytofm.evaluation.feature_store import (
     write_index,
     write_meta,
 )
+from cytofm.evaluation.weights_identity import describe_identity, weights_differ
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +57,15 @@ class Bag(Protocol):
     def iter_instances(self) -> Iterator[tuple[Any, tuple[int, int, int, int]]]: ...
 
 
+def default_num_workers() -> int:
+    """Return 4, or fewer when this process may use fewer CPUs (its affinity mask)."""
+    if hasattr(os, "sched_getaffinity"):
+        cpus = len(os.sched_getaffinity(0))
+    else:
+        cpus = os.cpu_count() or 1
+    return max(0, min(4, cpus))
+
+
 @dataclass
 class ExtractConfig:
     """Config of ``cytofm-extract``.
@@ -67,13 +78,14 @@ class ExtractConfig:
             ``handcrafted``).
         batch_size: tiles per forward pass; it does not change the features.
         num_workers: processes that decode and transform tiles (0 runs them in the main
-            process).
+            process); the default is 4, or the number of CPUs this process may use if lower.
         device: ``auto`` (CUDA when available), ``cpu``, ``cuda`` or ``cuda:N``.
         precision: autocast on CUDA: ``auto`` (bf16 where supported, else fp16), ``bf16``,
             ``fp16`` or ``fp32``. CPU always runs in fp32.
         patch_tokens: also store every tile's patch tokens ``[N, h*w, D]`` (large: ``h*w``
             times the size of the embeddings).
-        overwrite: extract every bag again, even when its file exists.
+        overwrite: delete the feature set's earlier feature files and index, then extract
+            every bag again.
         num_threads: torch intra-op CPU threads of the main process; None keeps torch's
             default.
     """
@@ -83,7 +95,7 @@ class ExtractConfig:
     out: Path = Path("outputs/features")
     name: str | None = None
     batch_size: int = 64
-    num_workers: int = 4
+    num_workers: int = field(default_factory=default_num_workers)
     device: str = "auto"
     precision: Precision = "auto"
     patch_tokens: bool = False
@@ -98,6 +110,10 @@ class _TileBatches(IterableDataset):
     each tile), ``coords [b, 4]`` and ``finished``: ``(position, tile count)`` of the bags
     whose last tile is in this batch or an earlier one. Worker ``w`` of ``n`` takes the bags
     ``w::n``; tiles of one bag stay in order.
+
+    A bag that cannot be read ends the worker with a dict ``{"error": message}`` after the
+    bags finished before it. The main process raises it, so the message stays one line
+    instead of the worker traceback that DataLoader would wrap around an exception.
     """
 
     def __init__(self, bags: Sequence[Bag], todo: list[int], transform: Any, batch_size: int):
@@ -140,10 +156,28 @@ class _TileBatches(IterableDataset):
                     if len(images) == self.batch_size:
                         yield flush()
             except (OSError, ValueError, ImageDecodeError) as error:
-                raise RuntimeError(f"reading bag {bag.bag_id!r} failed: {error}") from error
+                # Drop the failed bag's pending tiles (the last ones) and deliver the bags
+                # finished before it, so that they are written and a rerun skips them.
+                while positions and positions[-1] == position:
+                    for pending in (images, positions, boxes):
+                        pending.pop()
+                if images or finished:
+                    yield flush()
+                yield {"error": unreadable_bag_message(bag.bag_id, error)}
+                return
             finished.append((position, count))
         if images or finished:
             yield flush()
+
+
+def unreadable_bag_message(bag_id: str, error: BaseException) -> str:
+    """Return the error message for a bag whose image or tile cannot be read."""
+    return (
+        f"reading bag {bag_id!r} failed: {error}. Fix or replace the file, or remove the bag "
+        "from the labels CSV (bags.labels_csv) or the image from its folder; the evaluation "
+        "needs every bag, so none is skipped. Bags already extracted are kept, and the same "
+        "command resumes from the next bag"
+    )
 
 
 @dataclass
@@ -200,6 +234,35 @@ def _check_meta(folder: Path, meta: dict[str, Any], overwrite: bool) -> None:
             f"{folder} contains features of another configuration (compare {path}); choose "
             "another name= or out=, or pass overwrite=true to extract again"
         )
+    old, new = previous.get("weights"), meta.get("weights")
+    if old is None or new is None:
+        logger.warning(
+            "%s does not record the identity of its weights, so resuming cannot check that "
+            "the bags already extracted used the same weights; pass overwrite=true if unsure",
+            path,
+        )
+        return
+    if weights_differ(old, new):
+        raise ValueError(
+            f"{folder} contains features of other weights: they were extracted with "
+            f"{describe_identity(old)}, but the backbone is now {describe_identity(new)}. "
+            "Resuming would mix features of two models; choose a new name= or out=, or pass "
+            "overwrite=true to extract every bag again"
+        )
+
+
+def _remove_previous_features(folder: Path, feature_dir: Path) -> None:
+    """Delete the feature files and index of an earlier extraction into ``folder``.
+
+    Without this, an overwrite that stops early would leave old files that a later resume
+    takes as done.
+    """
+    old_files = sorted(feature_dir.glob("*.pt")) if feature_dir.is_dir() else []
+    for path in old_files:
+        path.unlink()
+    (folder / "index.csv").unlink(missing_ok=True)
+    if old_files:
+        logger.info("overwrite: deleted %d earlier feature files in %s", len(old_files), folder)
 
 
 def extract_bags(
@@ -214,16 +277,18 @@ def extract_bags(
 ) -> list[IndexRow]:
     """Extract features of ``bags`` into the feature set ``folder``.
 
-    Writes one file per bag, then ``index.csv`` in the order of ``bags`` and ``meta.json``.
-    Bags whose file exists are skipped unless ``overwrite``.
+    Writes ``meta.json``, one file per bag, then ``index.csv`` in the order of ``bags``.
+    Bags whose file exists are skipped, after checking that ``meta.json`` records the same
+    configuration and weights (``extractor.weights``). ``overwrite`` first deletes the
+    folder's feature files and index.
 
     A bag without instances gets an empty file and a warning; the evaluation raises on it.
     When every bag is empty the files and index are still written, then a ValueError is
     raised.
 
     Raises:
-        ValueError: the folder contains features of another configuration, every bag is
-            empty, or an existing feature file cannot be read.
+        ValueError: the folder contains features of another configuration or other weights,
+            every bag is empty, or an existing feature file cannot be read.
         FloatingPointError: non-finite features, naming the bag.
         RuntimeError: a tile could not be read, naming the bag.
     """
@@ -238,9 +303,12 @@ def extract_bags(
         "version": FEATURE_FORMAT_VERSION,
         "embed_dim": extractor.embed_dim,
         "extractor": extractor.description,
+        "weights": getattr(extractor, "weights", None),
         **(meta or {}),
     }
     _check_meta(folder, meta, overwrite)
+    if overwrite:
+        _remove_previous_features(folder, feature_dir)
     write_meta(meta, folder / "meta.json")
 
     todo = [i for i, file in enumerate(files) if overwrite or not (feature_dir / file).is_file()]
@@ -296,6 +364,8 @@ def _run(
     counts: dict[int, int] = {}
     progress = tqdm(total=len(todo), desc="bags", unit="bag", disable=None)
     for batch in loader:
+        if "error" in batch:
+            raise RuntimeError(batch["error"])
         if batch["images"] is not None:
             embeddings, tokens = extractor(batch["images"])
             embeddings, tokens = embeddings.cpu(), None if tokens is None else tokens.cpu()

@@ -22,8 +22,10 @@ from torch import Tensor
 from torchvision import transforms
 
 from cytofm.evaluation.handcrafted import DESCRIPTOR_DIM, colour_texture_descriptor
+from cytofm.evaluation.weights_identity import file_identity
+from cytofm.models.checkpoint_formats import CheckpointError, describe_checkpoint_folder
 from cytofm.models.loading import build_transform, load_backbone
-from cytofm.models.vit import ARCHITECTURES, CytoViT, ViTSpec
+from cytofm.models.vit import ARCHITECTURES, CytoViT, ImageSizeError, ViTSpec, check_img_size
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +40,7 @@ class BackboneConfig:
         source: a checkpoint file for ``load_backbone``; ``random`` for a randomly initialised
             ViT of preset ``arch``; ``handcrafted`` for the colour and texture descriptor.
         arch: ViT preset (``vit_tiny|vit_small|vit_base|vit_large``); for a checkpoint it
-            only picks the number of heads.
+            picks the number of heads and must match the width of the weights.
         num_heads: attention heads of a checkpoint, when it does not record them.
         img_size: input side in pixels; tiles are resized to it (see ``resize``). None keeps
             the checkpoint's size (224 for ``random``).
@@ -99,8 +101,10 @@ class ViTExtractor:
         precision: Precision = "auto",
         patch_tokens: bool = False,
         description: dict[str, Any] | None = None,
+        weights: dict[str, Any] | None = None,
     ) -> None:
         self.model = model.eval().to(device)
+        self.weights = weights
         self.transform = transform
         self.device = device
         self.autocast_dtype = resolve_precision(precision, device)
@@ -153,6 +157,7 @@ class HandcraftedExtractor:
             "embed_dim": DESCRIPTOR_DIM,
             "img_size": img_size,
         }
+        self.weights = {"kind": "handcrafted", "embed_dim": DESCRIPTOR_DIM}
 
     def __call__(self, images: Tensor) -> tuple[Tensor, None]:
         """Describe ``[B, 3, H, W]`` tiles in ``[0, 1]`` by ``[B, 86]`` values."""
@@ -181,8 +186,14 @@ def build_extractor(
 ) -> Extractor:
     """Build the extractor that ``config`` describes.
 
+    The extractor's ``weights`` attribute identifies the weights for ``meta.json``: the
+    checkpoint file's size and partial hash, or the seed and shape of a random ViT.
+
     Raises:
-        ValueError: an unknown ``arch``, or patch tokens requested from the descriptor.
+        ValueError: an unknown ``arch`` or one that disagrees with the checkpoint, patch
+            tokens requested from the descriptor, a ``backbone.img_size`` that is not a
+            multiple of the patch size, or a head count that does not divide the width.
+        CheckpointError: ``source`` is a folder or not a readable checkpoint.
         FileNotFoundError: the checkpoint file does not exist.
     """
     if config.source == "handcrafted":
@@ -197,14 +208,42 @@ def build_extractor(
             raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)}")
         width, depth, heads = ARCHITECTURES[arch]
         img_size = config.img_size or 224
+        check_img_size(img_size, config.patch_size, key="backbone.img_size")
         spec = ViTSpec(width, depth, heads, patch_size=config.patch_size, img_size=img_size)
         model = _random_vit(config, spec)
         transform = build_transform(img_size if config.resize else None)
         description.update(kind="random ViT", arch=arch, seed=config.seed)
+        weights = {"kind": "random", "seed": config.seed, "spec": spec.to_dict()}
     else:
-        if not Path(config.source).is_file():
-            raise FileNotFoundError(f"backbone checkpoint not found: {config.source}")
-        loaded = load_backbone(
+        loaded = _load_checkpoint(config)
+        spec, model, transform = loaded.spec, loaded.model, loaded.transform
+        description.update(kind="checkpoint", source_format=loaded.source_format)
+        weights = file_identity(config.source)
+        if config.random_init:
+            model = _random_vit(config, spec)
+            description.update(kind="random ViT of the checkpoint's shape", seed=config.seed)
+            weights = {"kind": "random_init", "seed": config.seed, "spec": spec.to_dict()}
+    description.update(spec=spec.to_dict(), transform=repr(transform))
+    return ViTExtractor(
+        model,
+        transform,
+        device=device,
+        precision=precision,
+        patch_tokens=patch_tokens,
+        description=description,
+        weights=weights,
+    )
+
+
+def _load_checkpoint(config: BackboneConfig) -> Any:
+    """Run ``load_backbone`` on ``config.source``, naming the ``backbone.*`` keys in errors."""
+    source = Path(config.source)
+    if source.is_dir():
+        raise CheckpointError("backbone.source: " + describe_checkpoint_folder(source))
+    if not source.is_file():
+        raise FileNotFoundError(f"backbone checkpoint not found: {config.source}")
+    try:
+        return load_backbone(
             config.source,
             arch=config.arch,
             num_heads=config.num_heads,
@@ -214,17 +253,6 @@ def build_extractor(
             trust_pickle=config.trust_pickle,
             resize=config.resize,
         )
-        spec, model, transform = loaded.spec, loaded.model, loaded.transform
-        description.update(kind="checkpoint", source_format=loaded.source_format)
-        if config.random_init:
-            model = _random_vit(config, spec)
-            description.update(kind="random ViT of the checkpoint's shape", seed=config.seed)
-    description.update(spec=spec.to_dict(), transform=repr(transform))
-    return ViTExtractor(
-        model,
-        transform,
-        device=device,
-        precision=precision,
-        patch_tokens=patch_tokens,
-        description=description,
-    )
+    except ImageSizeError as error:
+        check_img_size(error.img_size, error.patch_size, key="backbone.img_size")
+        raise

@@ -140,7 +140,7 @@ def read_index(path: str | Path) -> list[IndexRow]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"feature index not found: {path}; run cytofm-extract first")
-    with path.open(newline="") as handle:
+    with path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         missing = [column for column in INDEX_COLUMNS if column not in (reader.fieldnames or [])]
         if missing:

@@ -99,7 +99,7 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
     """
     path = Path(path)
     if path.is_dir():
-        raise CheckpointError(f"{path} is a directory: pass the checkpoint file inside it")
+        raise CheckpointError(describe_checkpoint_folder(path))
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
@@ -123,24 +123,72 @@ def read_checkpoint(path: str | Path, trust_pickle: bool = False) -> Any:
         with torch.serialization.safe_globals([argparse.Namespace, *_numpy_allow_list()]):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
-        if "global" not in str(error).lower():
+        disallowed = _disallowed_global(error)
+        if disallowed is None:
             # Not a pickle at all (e.g. "invalid load key"): trusting it would not help.
             raise CheckpointError(
-                f"{path}: not a readable PyTorch checkpoint ({_first_line(error)})"
+                f"{path}: not a readable PyTorch checkpoint ({_unpickler_reason(error)})"
             ) from error
         raise UnsafeCheckpointError(
-            f"{path}: the checkpoint's pickle refers to objects outside the allow-list "
-            f"(tensors, argparse.Namespace, numpy scalars), so it was not loaded: "
-            f"{_first_line(error)}. If you trust this file, allow unrestricted unpickling: "
-            f"load_backbone(..., trust_pickle=True), backbone.trust_pickle=true for "
-            f"cytofm-extract, --trust-pickle for cytofm-visualize. A pickle can run arbitrary "
-            f"code."
+            f"{path}: not loaded because its pickle refers to {disallowed}, which is outside "
+            "the allow-list (tensors, argparse.Namespace, numpy scalars). If you trust this "
+            "file, allow unrestricted unpickling: load_backbone(..., trust_pickle=True), "
+            "backbone.trust_pickle=true for cytofm-extract, --trust-pickle for "
+            "cytofm-visualize. A pickle can run arbitrary code."
         ) from error
     except (RuntimeError, EOFError, OSError, KeyError, ValueError) as error:
         raise CheckpointError(
             f"{path}: not a readable PyTorch checkpoint ({type(error).__name__}: "
             f"{_first_line(error)})"
         ) from error
+
+
+CHECKPOINT_PATTERNS = ("*.pt", "*.pth", "*.bin", "*.safetensors", "checkpoints/checkpoint-*.pt")
+"""File patterns that :func:`describe_checkpoint_folder` lists as likely checkpoints."""
+
+
+def describe_checkpoint_folder(folder: Path, max_files: int = 10) -> str:
+    """Return an error message for a folder given where a checkpoint file is expected.
+
+    The message lists the files inside that match :data:`CHECKPOINT_PATTERNS`, if any.
+    """
+    found = sorted({match for pattern in CHECKPOINT_PATTERNS for match in folder.glob(pattern)})
+    found = [match for match in found if match.is_file()]
+    if not found:
+        return (
+            f"{folder} is a folder, not a checkpoint file, and contains no *.pt, *.pth, *.bin "
+            "or *.safetensors file; pass the path of the checkpoint file"
+        )
+    names = ", ".join(str(match) for match in found[:max_files])
+    more = f" and {len(found) - max_files} more" if len(found) > max_files else ""
+    return (
+        f"{folder} is a folder, not a checkpoint file; pass one of the files inside it: "
+        f"{names}{more}"
+    )
+
+
+def _disallowed_global(error: pickle.UnpicklingError) -> str | None:
+    """Return the global that torch's restricted unpickler rejected, or None for other errors."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    match = re.search(r"Unsupported global: GLOBAL (\S+)", text)
+    if match is not None:
+        return match.group(1)
+    if "global" in text.lower():
+        return "an object that is not allowed"
+    return None
+
+
+def _unpickler_reason(error: pickle.UnpicklingError) -> str:
+    """Return torch's reason for a failed restricted unpickle, without its advice.
+
+    torch >= 2.6 wraps the reason in advice to retry with ``weights_only=False``; that retry
+    would run code from a file that is not even a checkpoint, so only the reason is kept.
+    """
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(error))
+    match = re.search(r"WeightsUnpickler error:\s*(.+?)(?:\n\s*\n|$)", text, re.DOTALL)
+    if match is not None:
+        return " ".join(match.group(1).split())
+    return _first_line(error)
 
 
 def _first_line(error: BaseException) -> str:

@@ -27,7 +27,13 @@ from cytofm.models.checkpoint_formats import (
     read_checkpoint,
     to_timm_keys,
 )
-from cytofm.models.vit import ARCHITECTURES, CytoViT, ViTSpec, resample_pos_embed
+from cytofm.models.vit import (
+    ARCHITECTURES,
+    CytoViT,
+    ViTSpec,
+    check_img_size,
+    resample_pos_embed,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +122,25 @@ def infer_spec(state_dict: dict[str, torch.Tensor], hints: dict[str, Any] | None
     return spec
 
 
+def check_arch_matches(arch: str, spec: ViTSpec, path: Path) -> None:
+    """Raise a ValueError when preset ``arch`` is unknown or disagrees with the weights' shape.
+
+    A depth below the preset's passes, so a checkpoint that lacks its last blocks is reported
+    as missing keys by :func:`load_state_dict_strict`.
+    """
+    preset = ARCHITECTURES.get(arch.replace("deit_", "vit_"))
+    if preset is None:
+        raise ValueError(f"unknown arch {arch!r}; choose one of {sorted(ARCHITECTURES)}")
+    width, depth, _ = preset
+    if spec.embed_dim != width or spec.depth > depth:
+        raise ValueError(
+            f"arch={arch!r} (width {width}, depth {depth}) does not match the weights in "
+            f"{path} (width {spec.embed_dim}, depth {spec.depth}); leave arch unset to take "
+            "the shape from the weights, and pass num_heads if the head count differs from "
+            "the default"
+        )
+
+
 def build_transform(
     img_size: int | tuple[int, int] | None,
     mean: tuple[float, float, float] = IMAGENET_MEAN,
@@ -201,7 +226,8 @@ def load_backbone(
 
     Args:
         source: Path of the checkpoint file.
-        arch: Preset name (``vit_small``...) used only to pick the number of heads.
+        arch: Preset name (``vit_small``...) that picks the number of heads; it must match
+            the width of the weights (and their depth, unless blocks are missing).
         num_heads: Number of attention heads; overrides ``arch`` and the checkpoint.
         img_size: Build the model for this input size; the position embedding is resampled
             if the checkpoint was trained at another size. Default: the checkpoint's size.
@@ -214,6 +240,13 @@ def load_backbone(
 
     Returns:
         ``LoadedBackbone`` with the model, its preprocessing transform and sizes.
+
+    Raises:
+        FileNotFoundError: ``source`` does not exist.
+        CheckpointError: The file is a folder, not a readable checkpoint, or contains no usable
+            ViT backbone (``BackboneKeyError`` for missing or unexpected keys).
+        ValueError: ``arch`` disagrees with the weights, ``img_size`` is not a multiple of
+            the patch size, or ``num_heads`` does not divide the width.
     """
     path = Path(source)
     checkpoint = read_checkpoint(path, trust_pickle=trust_pickle)
@@ -235,8 +268,11 @@ def load_backbone(
     if num_heads is not None:
         hints["num_heads"] = num_heads
     spec = infer_spec(state_dict, hints)
+    if arch is not None:
+        check_arch_matches(arch, spec, path)
     stored_size = spec.img_size
     if img_size is not None:
+        check_img_size(img_size, spec.patch_size)
         spec.img_size = img_size
     model = CytoViT(spec)
     load_state_dict_strict(model, state_dict, str(path))

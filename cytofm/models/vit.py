@@ -56,6 +56,9 @@ class ViTSpec:
     reg_tokens: int = 0
     drop_path_rate: float = 0.0
 
+    def __post_init__(self) -> None:
+        check_num_heads(self.num_heads, self.embed_dim)
+
     def to_dict(self) -> dict[str, Any]:
         data = asdict(self)
         if isinstance(self.img_size, tuple):
@@ -68,6 +71,52 @@ class ViTSpec:
         if isinstance(data.get("img_size"), list):
             data["img_size"] = tuple(data["img_size"])
         return cls(**data)
+
+
+def check_num_heads(num_heads: int, embed_dim: int) -> None:
+    """Raise a ValueError unless ``num_heads`` is positive and divides the width ``embed_dim``.
+
+    timm splits the width evenly across heads and otherwise fails with a bare assertion.
+    """
+    if num_heads >= 1 and embed_dim % num_heads == 0:
+        return
+    valid = [count for count in range(1, embed_dim + 1) if embed_dim % count == 0]
+    raise ValueError(
+        f"num_heads={num_heads} does not divide the width embed_dim={embed_dim}; each head "
+        f"gets embed_dim / num_heads dimensions, so choose one of {valid}"
+    )
+
+
+class ImageSizeError(ValueError):
+    """An image size that is not a positive multiple of the patch size."""
+
+    def __init__(self, message: str, img_size: int | tuple[int, int], patch_size: int) -> None:
+        super().__init__(message)
+        self.img_size = img_size
+        self.patch_size = patch_size
+
+
+def check_img_size(img_size: int | tuple[int, int], patch_size: int, key: str = "img_size") -> None:
+    """Raise an ImageSizeError unless every side of ``img_size`` is a multiple of the patch.
+
+    Args:
+        img_size: Side, or (height, width), in pixels.
+        patch_size: Patch side in pixels.
+        key: Name of the setting in the message, e.g. ``backbone.img_size``.
+    """
+    sides = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
+    bad = [side for side in sides if side < patch_size or side % patch_size]
+    if not bad:
+        return
+    lower = max(patch_size, bad[0] // patch_size * patch_size)
+    upper = lower + patch_size if bad[0] > lower else lower
+    nearest = f"{lower} or {upper}" if upper != lower else str(lower)
+    raise ImageSizeError(
+        f"{key}={img_size} is not a multiple of the patch size {patch_size}; the image is cut "
+        f"into {patch_size}x{patch_size} patches, so use e.g. {key}={nearest}",
+        img_size,
+        patch_size,
+    )
 
 
 class CytoViT(VisionTransformer):
