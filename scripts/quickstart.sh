@@ -35,7 +35,7 @@ cytofm-eval-mil --config configs/eval/demo.yaml "labels.csv=$out/demo/labels.csv
     "feature_sets=[{name: pretrained, path: $out/features/pretrained},
                    {name: random_init, path: $out/features/random_init},
                    {name: handcrafted, path: $out/features/handcrafted}]" \
-    "out=$out/eval"
+    "out=$out/eval" overwrite=true
 
 echo
 sed -n '/^| feature set/,/^$/p' "$out/eval/results.md"

@@ -54,7 +54,7 @@ for evaluation in "${evaluations[@]}"; do
     done
     log "ABMIL cross-validation: $config"
     cytofm-eval-mil --config "configs/eval/$config.yaml" "feature_sets=[$sets]" \
-        "out=$out/eval/$config"
+        "out=$out/eval/$config" overwrite=true
 done
 
 log "figures -> $out/figures"
