@@ -556,3 +556,33 @@ def test_cli_out_below_a_file_fails_cleanly(tmp_path, capsys):
         f"cytofm-extract: cannot create output folder {blocker / 'x' / 'handcrafted'}: "
         f"{blocker} is a file, not a folder; choose another output path\n"
     )
+
+
+@pytest.mark.parametrize("pooling", ["mean", "cls+mean"])
+def test_pooling_matches_direct_tokens(tmp_path, pooling):
+    from cytofm.evaluation.extractors import ViTExtractor
+    from cytofm.models.loading import build_transform
+
+    torch.manual_seed(0)
+    model = build_vit(img_size=32, reg_tokens=1, **TINY)
+    extractor = ViTExtractor(model, build_transform(None), device=CPU, pooling=pooling)
+    bags = make_bags(sizes=(3,))
+    extract_bags(bags, extractor, tmp_path / "set", batch_size=2)
+    features = read_all(tmp_path / "set")[bags[0].bag_id]["features"]
+
+    images = torch.stack([extractor.transform(Image.fromarray(tile)) for tile in bags[0].tiles])
+    with torch.no_grad():
+        tokens = model.forward_tokens(images)
+    patch_mean = tokens[:, 2:].mean(dim=1)  # CLS and one register token come first
+    expected = patch_mean if pooling == "mean" else torch.cat([tokens[:, 0], patch_mean], 1)
+    assert extractor.embed_dim == expected.shape[1]
+    torch.testing.assert_close(features, expected, rtol=0, atol=1e-6)
+
+
+def test_pooling_rejects_unknown_value():
+    from cytofm.evaluation.extractors import ViTExtractor
+    from cytofm.models.loading import build_transform
+
+    model = build_vit(img_size=32, **TINY)
+    with pytest.raises(ValueError, match="backbone.pooling must be 'cls', 'mean' or 'cls\\+mean'"):
+        ViTExtractor(model, build_transform(None), device=CPU, pooling="max")

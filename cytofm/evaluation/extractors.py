@@ -53,6 +53,9 @@ class BackboneConfig:
         random_init: keep the checkpoint's architecture but re-initialise every weight, the
             random baseline of the same shape.
         seed: seed of the random initialisation.
+        pooling: tile embedding of a ViT: ``cls`` (the CLS token, as UNI and CytoFM use),
+            ``mean`` (mean of the patch tokens) or ``cls+mean`` (both concatenated, twice the
+            width, as in DINOv2's linear evaluation).
     """
 
     source: str = "random"
@@ -66,6 +69,7 @@ class BackboneConfig:
     resize: bool = True
     random_init: bool = False
     seed: int = 0
+    pooling: Literal["cls", "mean", "cls+mean"] = "cls"
 
 
 def default_feature_set_name(config: BackboneConfig) -> str:
@@ -90,7 +94,11 @@ def resolve_precision(precision: Precision, device: torch.device) -> torch.dtype
 
 
 class ViTExtractor:
-    """CLS embeddings (and optionally patch tokens) of a ``CytoViT`` in eval mode."""
+    """Tile embeddings (and optionally patch tokens) of a ``CytoViT`` in eval mode.
+
+    ``pooling`` picks the embedding: the CLS token, the mean of the patch tokens (register
+    tokens excluded), or both concatenated.
+    """
 
     def __init__(
         self,
@@ -102,17 +110,24 @@ class ViTExtractor:
         patch_tokens: bool = False,
         description: dict[str, Any] | None = None,
         weights: dict[str, Any] | None = None,
+        pooling: Literal["cls", "mean", "cls+mean"] = "cls",
     ) -> None:
+        if pooling not in ("cls", "mean", "cls+mean"):
+            raise ValueError(
+                f"backbone.pooling must be 'cls', 'mean' or 'cls+mean', got {pooling!r}"
+            )
         self.model = model.eval().to(device)
+        self.pooling = pooling
         self.weights = weights
         self.transform = transform
         self.device = device
         self.autocast_dtype = resolve_precision(precision, device)
         self.patch_tokens = patch_tokens
-        self.embed_dim = model.embed_dim
+        self.embed_dim = model.embed_dim * (2 if pooling == "cls+mean" else 1)
         self.description = dict(description or {})
         self.description.update(
-            embed_dim=model.embed_dim,
+            embed_dim=self.embed_dim,
+            pooling=pooling,
             patch_size=model.patch_size,
             autocast=str(self.autocast_dtype).replace("torch.", "")
             if self.autocast_dtype
@@ -129,9 +144,15 @@ class ViTExtractor:
         )
         with torch.inference_mode(), autocast:
             tokens = self.model.forward_tokens(images)
-        embeddings = tokens[:, 0].float()
-        patches = tokens[:, self.model.num_prefix_tokens :].float() if self.patch_tokens else None
-        return embeddings, patches
+        patch_tokens = tokens[:, self.model.num_prefix_tokens :].float()
+        cls = tokens[:, 0].float()
+        if self.pooling == "cls":
+            embeddings = cls
+        elif self.pooling == "mean":
+            embeddings = patch_tokens.mean(dim=1)
+        else:
+            embeddings = torch.cat([cls, patch_tokens.mean(dim=1)], dim=1)
+        return embeddings, patch_tokens if self.patch_tokens else None
 
     def patch_grid(self, images: Tensor) -> tuple[int, int]:
         """Patch grid (rows, columns) of a batch of tiles."""
@@ -232,6 +253,7 @@ def build_extractor(
         patch_tokens=patch_tokens,
         description=description,
         weights=weights,
+        pooling=config.pooling,
     )
 
 
