@@ -60,6 +60,24 @@ def test_resume_mid_epoch_bitwise(images, tmp_path):
     assert logged_losses(resumed) == logged_losses(straight)[2:]
 
 
+def test_resume_past_corrupt_newest_checkpoints(images, tmp_path):
+    output_dir = tmp_path / "run"
+    settings = {"run.save_every_steps": 1, "run.keep_last": 2}
+    run_tiny(images, output_dir, **settings, **{"run.max_steps": 2})
+    folder = output_dir / "checkpoints"
+    good = folder / "checkpoint-000000002.pt"
+    (folder / "checkpoint-000000099.pt").write_bytes(good.read_bytes()[:300])
+    (folder / "checkpoint-000000100.pt").write_bytes(b"")
+
+    trainer, result = run_tiny(images, output_dir, **settings, **{"run.max_steps": 5})
+    assert result.step == 5
+    assert result.checkpoint == folder / "checkpoint-000000005.pt"
+    assert [step for step, _ in list_checkpoints(output_dir)] == [4, 5]
+    assert load_checkpoint(result.checkpoint)["step"] == 5
+    assert (folder / "checkpoint-000000099.pt.unreadable").is_file()
+    assert (folder / "checkpoint-000000100.pt.unreadable").is_file()
+
+
 def test_checkpoint_layout_weights_only(images, tmp_path):
     trainer, result = run_tiny(
         images,

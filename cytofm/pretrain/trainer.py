@@ -261,7 +261,7 @@ class PretrainTrainer:
         return module
 
     def _resume(self) -> None:
-        state = load_latest_checkpoint(self.output_dir)
+        state = load_latest_checkpoint(self.output_dir, set_aside_unreadable=self.context.is_main)
         if state is None:
             logger.info("no checkpoint in %s: starting from step 0", self.output_dir)
             return
