@@ -313,3 +313,17 @@ def test_resume_with_changed_config_keeps_old(images, tmp_path, caplog):
     assert "optim.lr" in caplog.text
     assert (output_dir / "config.before-step1.yaml").read_text() == first
     assert "lr: 0.123" in (output_dir / "config.yaml").read_text()
+
+
+def test_resume_with_nothing_to_do_keeps_config(images, tmp_path):
+    output_dir = tmp_path / "run"
+    run_tiny(images, output_dir, **{"run.max_steps": 2})
+    config_file = output_dir / "config.yaml"
+    with config_file.open("a") as handle:
+        handle.write("# note added by hand\n")
+    written = config_file.read_text()
+
+    _, result = run_tiny(images, output_dir, **{"run.max_steps": 2, "optim.lr": 0.123})
+    assert result.step == 2
+    assert config_file.read_text() == written
+    assert sorted(output_dir.glob("config*.yaml")) == [config_file]

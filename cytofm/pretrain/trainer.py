@@ -22,11 +22,10 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
-from cytofm.config import save_config, to_dict
+from cytofm.config import to_dict
 from cytofm.pretrain.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
@@ -48,6 +47,7 @@ from cytofm.pretrain.networks import (
     build_student_teacher,
 )
 from cytofm.pretrain.precision import resolve_precision
+from cytofm.pretrain.run_folder import save_resolved_config
 from cytofm.pretrain.schedules import Schedules, ScheduleValues, scale_learning_rate
 from cytofm.pretrain.teacher import cancel_last_layer_gradients, param_groups, update_teacher
 
@@ -373,24 +373,6 @@ class PretrainTrainer:
             requested = flag.item() > 0
         return requested
 
-    def _save_resolved_config(self) -> None:
-        """Write ``config.yaml``; on resume, keep a differing earlier one and log the changes."""
-        path = self.output_dir / "config.yaml"
-        current = to_dict(self.config)
-        if path.is_file():
-            previous = yaml.safe_load(path.read_text()) or {}
-            changes = _changed_keys(previous, current)
-            if changes:
-                kept = path.with_name(f"config.before-step{self.step}.yaml")
-                path.replace(kept)
-                logger.warning(
-                    "config changed on resume at step %d: %s; the earlier config is kept as %s",
-                    self.step,
-                    ", ".join(changes[:10]) + (" ..." if len(changes) > 10 else ""),
-                    kept.name,
-                )
-        save_config(self.config, path)
-
     def save(self) -> None:
         """Write a checkpoint from rank 0; every rank waits until it is on disk."""
         if self.context.is_main:
@@ -533,13 +515,14 @@ class PretrainTrainer:
             NonFiniteLossError: the loss became NaN or infinite.
         """
         config = self.config
-        if self.context.is_main:
-            self._save_resolved_config()
         stop = self.stop_step()
         losses: dict[str, float] = {}
         if self.step >= stop:
+            # config.yaml stays as it is: it describes the settings that trained the checkpoints.
             logger.info("nothing to do: step %d already reached the stop step %d", self.step, stop)
             return TrainResult(self.step, self.epoch, losses, self.last_checkpoint)
+        if self.context.is_main:
+            save_resolved_config(self.config, self.output_dir, self.step)
 
         logger.info(
             "training from step %d (epoch %d) to step %d on %d process(es)",
@@ -607,15 +590,3 @@ class PretrainTrainer:
             self.metrics.close()
         logger.info("stopped at step %d (epoch %d)", self.step, self.epoch)
         return TrainResult(self.step, self.epoch, losses, self.last_checkpoint)
-
-
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """List dotted keys whose values differ between two nested config dicts."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        changed: list[str] = []
-        for key in sorted(set(old) | set(new), key=str):
-            changed += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
-        return changed
-    if old != new:
-        return [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-    return []
