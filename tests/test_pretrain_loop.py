@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import signal
 
@@ -18,7 +19,12 @@ from cytofm.pretrain.checkpoint import REQUIRED_KEYS, list_checkpoints, load_che
 from cytofm.pretrain.config import load_pretrain_config
 from cytofm.pretrain.masking import MaskingConfig
 from cytofm.pretrain.networks import NetworkOutput, forward_selected_tokens
-from cytofm.pretrain.trainer import NonFiniteLossError, PretrainTrainer, draw_step_masks
+from cytofm.pretrain.trainer import (
+    NonFiniteLossError,
+    PretrainTrainer,
+    describe_non_finite_loss,
+    draw_step_masks,
+)
 from tests.pretrain_helpers import (
     CPU,
     logged_losses,
@@ -140,10 +146,46 @@ def test_nan_loss_stops_and_keeps_checkpoint(images, tmp_path):
     assert "cls=nan" in message
     assert "total=nan" in message
     assert "patch=" in message
+    assert f"The last checkpoint, {checkpoint}, is intact." in message
+    assert "run.precision=fp32" not in message
 
     assert [step for step, _ in list_checkpoints(output_dir)] == [2]
     assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == digest
     assert load_checkpoint(checkpoint)["step"] == 2
+
+
+def test_nan_loss_without_checkpoint_says_so(images, tmp_path):
+    output_dir = tmp_path / "run"
+    trainer = PretrainTrainer(tiny_config(images, output_dir, **{"run.max_steps": 2}), CPU)
+    healthy_forward = trainer.student_forward
+
+    def forward_with_nan(*args, **kwargs) -> NetworkOutput:
+        output = healthy_forward(*args, **kwargs)
+        output.patch_logits = output.patch_logits * float("inf")
+        return output
+
+    trainer.student_forward = forward_with_nan
+    with pytest.raises(NonFiniteLossError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "step 1" in message
+    assert f"No checkpoint was written to {output_dir} yet" in message
+    assert "is intact" not in message
+    assert "run.precision=fp32" not in message
+    assert list_checkpoints(output_dir) == []
+
+
+def test_nan_message_suggests_fp32_for_bf16(tmp_path):
+    message = describe_non_finite_loss(
+        {"total": math.nan, "cls": math.nan, "patch": 1.5},
+        step=7,
+        epoch=1,
+        last_checkpoint=None,
+        output_dir=tmp_path,
+        precision="bf16",
+    )
+    assert message.startswith("non-finite loss at step 7 (epoch 1): total=nan, cls=nan, patch=1.5.")
+    assert "use run.precision=fp32 to rule out bf16 overflow" in message
 
 
 def test_constant_teacher_warns_collapse(images, tmp_path, caplog):

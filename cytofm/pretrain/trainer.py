@@ -30,6 +30,7 @@ from cytofm.pretrain.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     capture_rng_state,
+    list_checkpoints,
     load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -89,6 +90,41 @@ def derive_seed(*values: int) -> int:
     """Mix integers (seed, step, stream, ...) into one 63-bit seed."""
     state = np.random.SeedSequence([int(value) for value in values]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
+
+
+def describe_non_finite_loss(
+    losses: dict[str, float],
+    *,
+    step: int,
+    epoch: int,
+    last_checkpoint: Path | None,
+    output_dir: Path,
+    precision: str,
+) -> str:
+    """Return the error message for a NaN or infinite loss at ``step`` (counted from 1).
+
+    The message names the checkpoint a new start would resume from, or states that there is
+    none, and suggests fp32 only to a run that uses another precision.
+    """
+    described = ", ".join(f"{name}={value}" for name, value in losses.items())
+    parts = [
+        f"non-finite loss at step {step} (epoch {epoch}): {described}.",
+        "The weights of this step were not updated.",
+    ]
+    if last_checkpoint is not None:
+        parts.append(f"The last checkpoint, {last_checkpoint}, is intact.")
+    else:
+        parts.append(
+            f"No checkpoint was written to {output_dir} yet, so running again starts from step 0."
+        )
+    if precision == "fp32":
+        parts.append("Lower optim.lr or raise schedule.teacher_temp_start.")
+    else:
+        parts.append(
+            "Lower optim.lr, raise schedule.teacher_temp_start, or use run.precision=fp32 to "
+            f"rule out {precision} overflow."
+        )
+    return " ".join(parts)
 
 
 def draw_step_masks(
@@ -464,12 +500,16 @@ class PretrainTrainer:
         terms = torch.stack([losses[name].detach() for name in LOSS_TERMS])
         loss_values = dict(zip(LOSS_TERMS, all_reduce_mean(terms, self.context).tolist()))
         if not all(math.isfinite(value) for value in loss_values.values()):
-            described = ", ".join(f"{name}={value}" for name, value in loss_values.items())
+            earlier = [path for saved, path in list_checkpoints(self.output_dir) if saved <= step]
             raise NonFiniteLossError(
-                f"non-finite loss at step {step + 1} (epoch {self.epoch}): {described}. The "
-                f"weights of this step were not updated; the last checkpoint in "
-                f"{self.output_dir / 'checkpoints'} is intact. Lower optim.lr, raise "
-                "schedule.teacher_temp_start, or use run.precision=fp32 to find the cause."
+                describe_non_finite_loss(
+                    loss_values,
+                    step=step + 1,
+                    epoch=self.epoch,
+                    last_checkpoint=earlier[-1] if earlier else None,
+                    output_dir=self.output_dir,
+                    precision=self.precision.name,
+                )
             )
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -518,7 +558,8 @@ class PretrainTrainer:
         stop = self.stop_step()
         losses: dict[str, float] = {}
         if self.step >= stop:
-            # config.yaml stays as it is: it describes the settings that trained the checkpoints.
+            # config.yaml stays as it is, because it describes the settings that trained the
+            # checkpoints.
             logger.info("nothing to do: step %d already reached the stop step %d", self.step, stop)
             return TrainResult(self.step, self.epoch, losses, self.last_checkpoint)
         if self.context.is_main:
