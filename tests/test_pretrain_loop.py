@@ -17,6 +17,7 @@ from cytofm.models.loading import load_backbone
 from cytofm.models.vit import build_vit
 from cytofm.pretrain.checkpoint import REQUIRED_KEYS, list_checkpoints, load_checkpoint
 from cytofm.pretrain.config import load_pretrain_config
+from cytofm.pretrain.loader import build_pretrain_data
 from cytofm.pretrain.masking import MaskingConfig
 from cytofm.pretrain.networks import NetworkOutput, forward_selected_tokens
 from cytofm.pretrain.trainer import (
@@ -342,6 +343,89 @@ def test_sigterm_saves_checkpoint_and_stops(images, tmp_path, caplog):
     assert "received SIGTERM" in caplog.text
     # The default handler is back, so a later SIGTERM would end the process as usual.
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def _trainer_signalling_at_step(images, output_dir, signals: list[int]) -> PretrainTrainer:
+    """Build a 6-step run whose second step sends ``signals`` to this process."""
+    trainer = PretrainTrainer(
+        tiny_config(images, output_dir, **{"run.max_steps": 6, "run.save_every_steps": 100}),
+        CPU,
+    )
+    healthy_step = trainer.train_step
+    calls = []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        result = healthy_step(*args, **kwargs)
+        if len(calls) == 2:
+            for signal_number in signals:
+                os.kill(os.getpid(), signal_number)
+        return result
+
+    trainer.train_step = step_then_signal
+    return trainer
+
+
+def test_sigint_saves_checkpoint_and_stops(images, tmp_path, caplog):
+    output_dir = tmp_path / "run"
+    trainer = _trainer_signalling_at_step(images, output_dir, [signal.SIGINT])
+    with caplog.at_level(logging.WARNING, logger="cytofm.pretrain"):
+        result = trainer.train()
+    assert result.step == 2
+    assert [step for step, _ in list_checkpoints(output_dir)] == [2]
+    assert "Press Ctrl-C again to stop at once" in caplog.text
+    assert "received SIGINT: saved a checkpoint at step 2 and stopped" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_second_sigint_aborts_without_saving(images, tmp_path):
+    output_dir = tmp_path / "run"
+    trainer = _trainer_signalling_at_step(images, output_dir, [signal.SIGINT, signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.step == 1
+    assert list_checkpoints(output_dir) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_cli_second_sigint_exits_130(images, tmp_path, capsys, monkeypatch):
+    healthy_step = PretrainTrainer.train_step
+
+    def step_then_interrupt_twice(self, *args, **kwargs):
+        result = healthy_step(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(PretrainTrainer, "train_step", step_then_interrupt_twice)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("run:\n  max_steps: 2\n")
+    overrides = tiny_overrides(images, tmp_path / "run")
+
+    assert pretrain_cli.main(["--config", str(config_file), *overrides]) == 130
+    errors = capsys.readouterr().err
+    assert "interrupted without saving. Run the same command again" in errors
+    assert "Traceback" not in errors
+
+
+class _InterruptOwnProcess(torch.utils.data.Dataset):
+    """Sends SIGINT to the process that loads an item, as Ctrl-C does to loader workers."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        os.kill(os.getpid(), signal.SIGINT)
+        return index
+
+
+def test_loader_workers_survive_sigint(images, tmp_path):
+    config = tiny_config(images, tmp_path / "run", **{"data.num_workers": 1})
+    worker_init_fn = build_pretrain_data(config, CPU).loader.worker_init_fn
+    loader = torch.utils.data.DataLoader(
+        _InterruptOwnProcess(), batch_size=2, num_workers=1, worker_init_fn=worker_init_fn
+    )
+    assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3]]
 
 
 def test_resume_with_changed_config_keeps_old(images, tmp_path, caplog):

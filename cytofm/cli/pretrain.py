@@ -91,6 +91,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataLoadingError as error:
         logger.error("data loading failed: %s", str(error).strip().splitlines()[-1])
         return 1
+    except KeyboardInterrupt:
+        # A second Ctrl-C during training, or the first one before training started.
+        logger.error(
+            "interrupted without saving. Run the same command again to resume from the newest "
+            "checkpoint in %s",
+            config.run.output_dir / "checkpoints",
+        )
+        return 130
     finally:
         shutdown(context)
     if result.checkpoint is not None:

@@ -50,6 +50,7 @@ from cytofm.pretrain.networks import (
 from cytofm.pretrain.precision import resolve_precision
 from cytofm.pretrain.run_folder import save_resolved_config
 from cytofm.pretrain.schedules import Schedules, ScheduleValues, scale_learning_rate
+from cytofm.pretrain.stop_signals import StopSignals
 from cytofm.pretrain.teacher import cancel_last_layer_gradients, param_groups, update_teacher
 
 logger = logging.getLogger(__name__)
@@ -246,6 +247,7 @@ class PretrainTrainer:
 
         self.step = 0
         self.last_checkpoint: Path | None = None
+        self.stop_signals = StopSignals()
         self._resume()
 
         self.student_forward = self._wrap_student()
@@ -372,42 +374,23 @@ class PretrainTrainer:
             "model": backbone_arguments(self.config.model, self.teacher.backbone),
         }
 
-    def _install_stop_handlers(self) -> dict[int, Any]:
-        """Catch SIGTERM and SIGUSR1 (sent by SLURM before preemption or time-out).
-
-        The handler only records the signal; the loop saves a checkpoint after the current
-        step and returns, so a requeued job resumes from there. Handlers can only be set from
-        the main thread; elsewhere (a notebook's worker thread) nothing is installed.
-        """
-        self._stop_signal: int | None = None
-        previous: dict[int, Any] = {}
-
-        def record(signal_number: int, frame: Any) -> None:
-            self._stop_signal = signal_number
-
-        for signal_number in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                previous[signal_number] = signal.signal(signal_number, record)
-            except ValueError:  # not the main thread
-                break
-        return previous
-
     def _stop_requested(self) -> bool:
         """Check whether any rank received a stop signal, so every rank stops at the same step.
 
         With several processes the check is an all-reduce that waits for the device, so it runs
-        only every ``STOP_CHECK_EVERY_STEPS`` steps; all ranks skip the same steps.
+        only every ``STOP_CHECK_EVERY_STEPS`` steps, and all ranks skip the same steps. A rank
+        that received no signal takes the highest signal number among the ranks as its own.
         """
-        requested = getattr(self, "_stop_signal", None) is not None
+        received = self.stop_signals.received
         if self.context.world_size > 1:
             if self.step % STOP_CHECK_EVERY_STEPS != 0:
                 return False
-            flag = torch.tensor([float(requested)], device=self.device)
+            flag = torch.tensor([float(received or 0)], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item() > 0 and not requested:
-                self._stop_signal = int(signal.SIGTERM)
-            requested = flag.item() > 0
-        return requested
+            if flag.item() > 0 and received is None:
+                self.stop_signals.received = int(flag.item())
+            return flag.item() > 0
+        return received is not None
 
     def save(self) -> None:
         """Write a checkpoint from rank 0; every rank waits until it is on disk."""
@@ -583,7 +566,7 @@ class PretrainTrainer:
         self.student.train()
         self.teacher.train()
         window_start, window_steps = time.perf_counter(), 0
-        previous_handlers = self._install_stop_handlers()
+        self.stop_signals.install()
         try:
             while self.step < stop and not self._stop_requested():
                 epoch = self.epoch
@@ -619,14 +602,13 @@ class PretrainTrainer:
                         logger.warning(
                             "received %s: saved a checkpoint at step %d and stopped; run the "
                             "same command again to resume",
-                            signal.Signals(self._stop_signal).name,
+                            signal.Signals(self.stop_signals.received).name,
                             self.step,
                         )
                     if end_of_epoch or self.step >= stop or stopping:
                         break
         finally:
-            for signal_number, handler in previous_handlers.items():
-                signal.signal(signal_number, handler)
+            self.stop_signals.restore()
             progress.close()
             self.metrics.close()
         logger.info("stopped at step %d (epoch %d)", self.step, self.epoch)
