@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import math
 import os
 import signal
+import socket
 
 import pytest
 import torch
@@ -155,7 +157,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(images, tmp_path):
     assert load_checkpoint(checkpoint)["step"] == 2
 
 
-def test_nan_loss_without_checkpoint_says_so(images, tmp_path):
+def test_nan_loss_without_checkpoint_named(images, tmp_path):
     output_dir = tmp_path / "run"
     trainer = PretrainTrainer(tiny_config(images, output_dir, **{"run.max_steps": 2}), CPU)
     healthy_forward = trainer.student_forward
@@ -287,6 +289,7 @@ def test_cli_trains_and_rejects_bad_keys(images, tmp_path, capsys):
     assert (output_dir / "train.log").is_file()
     assert "step 2: loss" in (output_dir / "train.log").read_text()
     assert [step for step, _ in list_checkpoints(output_dir)] == [2]
+    assert not (output_dir / "run.lock").exists()
     saved = load_pretrain_config(output_dir / "config.yaml")
     assert saved.run.max_steps == 2
     assert saved.model.embed_dim == 32
@@ -296,6 +299,54 @@ def test_cli_trains_and_rejects_bad_keys(images, tmp_path, capsys):
     status = pretrain_cli.main(["--config", str(config_file), "optim.lrr=1"])
     assert status == 2
     assert "unknown config key(s): optim.lrr" in capsys.readouterr().err
+
+
+def test_cli_rejects_locked_run_folder(images, tmp_path, capsys):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("run:\n  max_steps: 2\n")
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    # This test process is alive, so its lock is in use.
+    holder = {"hostname": socket.gethostname(), "pid": os.getpid(), "started": "09:00"}
+    (output_dir / "run.lock").write_text(json.dumps(holder))
+
+    status = pretrain_cli.main(["--config", str(config_file), *tiny_overrides(images, output_dir)])
+    assert status == 2
+    errors = capsys.readouterr().err
+    assert f"run folder {output_dir} is in use: process {os.getpid()}" in errors
+    assert "Traceback" not in errors
+    assert json.loads((output_dir / "run.lock").read_text()) == holder
+    assert sorted(path.name for path in output_dir.iterdir()) == ["run.lock"]
+
+
+def test_cli_rejects_output_dir_under_file(images, tmp_path, capsys):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("run:\n  max_steps: 2\n")
+    (tmp_path / "cell.png").write_bytes(b"png")
+    output_dir = tmp_path / "cell.png" / "run"
+
+    status = pretrain_cli.main(["--config", str(config_file), *tiny_overrides(images, output_dir)])
+    assert status == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert f"cannot create the run folder run.output_dir={output_dir}" in lines[0]
+    assert f"({tmp_path / 'cell.png'} is a file, not a folder)" in lines[0]
+
+
+def test_cli_sigterm_in_setup_releases_lock(images, tmp_path, monkeypatch):
+    def terminated_during_setup(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(PretrainTrainer, "__init__", terminated_during_setup)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("{}\n")
+    output_dir = tmp_path / "run"
+
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_cli.main(["--config", str(config_file), *tiny_overrides(images, output_dir)])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert not (output_dir / "run.lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_grad_checkpointing_same_weights(images, tmp_path):
@@ -406,6 +457,7 @@ def test_cli_second_sigint_exits_130(images, tmp_path, capsys, monkeypatch):
     errors = capsys.readouterr().err
     assert "interrupted without saving. Run the same command again" in errors
     assert "Traceback" not in errors
+    assert not (tmp_path / "run" / "run.lock").exists()
 
 
 class _InterruptOwnProcess(torch.utils.data.Dataset):
