@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
+import math
 import os
 import signal
+import socket
 
 import pytest
 import torch
@@ -16,9 +19,15 @@ from cytofm.models.loading import load_backbone
 from cytofm.models.vit import build_vit
 from cytofm.pretrain.checkpoint import REQUIRED_KEYS, list_checkpoints, load_checkpoint
 from cytofm.pretrain.config import load_pretrain_config
+from cytofm.pretrain.loader import build_pretrain_data
 from cytofm.pretrain.masking import MaskingConfig
 from cytofm.pretrain.networks import NetworkOutput, forward_selected_tokens
-from cytofm.pretrain.trainer import NonFiniteLossError, PretrainTrainer, draw_step_masks
+from cytofm.pretrain.trainer import (
+    NonFiniteLossError,
+    PretrainTrainer,
+    describe_non_finite_loss,
+    draw_step_masks,
+)
 from tests.pretrain_helpers import (
     CPU,
     logged_losses,
@@ -58,6 +67,24 @@ def test_resume_mid_epoch_bitwise(images, tmp_path):
     for index, state in expected["optimizer"]["state"].items():
         assert torch.equal(state["exp_avg"], actual["optimizer"]["state"][index]["exp_avg"])
     assert logged_losses(resumed) == logged_losses(straight)[2:]
+
+
+def test_resume_past_corrupt_newest_checkpoints(images, tmp_path):
+    output_dir = tmp_path / "run"
+    settings = {"run.save_every_steps": 1, "run.keep_last": 2}
+    run_tiny(images, output_dir, **settings, **{"run.max_steps": 2})
+    folder = output_dir / "checkpoints"
+    good = folder / "checkpoint-000000002.pt"
+    (folder / "checkpoint-000000099.pt").write_bytes(good.read_bytes()[:300])
+    (folder / "checkpoint-000000100.pt").write_bytes(b"")
+
+    trainer, result = run_tiny(images, output_dir, **settings, **{"run.max_steps": 5})
+    assert result.step == 5
+    assert result.checkpoint == folder / "checkpoint-000000005.pt"
+    assert [step for step, _ in list_checkpoints(output_dir)] == [4, 5]
+    assert load_checkpoint(result.checkpoint)["step"] == 5
+    assert (folder / "checkpoint-000000099.pt.unreadable").is_file()
+    assert (folder / "checkpoint-000000100.pt.unreadable").is_file()
 
 
 def test_checkpoint_layout_weights_only(images, tmp_path):
@@ -122,10 +149,46 @@ def test_nan_loss_stops_and_keeps_checkpoint(images, tmp_path):
     assert "cls=nan" in message
     assert "total=nan" in message
     assert "patch=" in message
+    assert f"The last checkpoint, {checkpoint}, is intact." in message
+    assert "run.precision=fp32" not in message
 
     assert [step for step, _ in list_checkpoints(output_dir)] == [2]
     assert hashlib.sha256(checkpoint.read_bytes()).hexdigest() == digest
     assert load_checkpoint(checkpoint)["step"] == 2
+
+
+def test_nan_loss_without_checkpoint_named(images, tmp_path):
+    output_dir = tmp_path / "run"
+    trainer = PretrainTrainer(tiny_config(images, output_dir, **{"run.max_steps": 2}), CPU)
+    healthy_forward = trainer.student_forward
+
+    def forward_with_nan(*args, **kwargs) -> NetworkOutput:
+        output = healthy_forward(*args, **kwargs)
+        output.patch_logits = output.patch_logits * float("inf")
+        return output
+
+    trainer.student_forward = forward_with_nan
+    with pytest.raises(NonFiniteLossError) as error:
+        trainer.train()
+    message = str(error.value)
+    assert "step 1" in message
+    assert f"No checkpoint was written to {output_dir} yet" in message
+    assert "is intact" not in message
+    assert "run.precision=fp32" not in message
+    assert list_checkpoints(output_dir) == []
+
+
+def test_nan_message_suggests_fp32_for_bf16(tmp_path):
+    message = describe_non_finite_loss(
+        {"total": math.nan, "cls": math.nan, "patch": 1.5},
+        step=7,
+        epoch=1,
+        last_checkpoint=None,
+        output_dir=tmp_path,
+        precision="bf16",
+    )
+    assert message.startswith("non-finite loss at step 7 (epoch 1): total=nan, cls=nan, patch=1.5.")
+    assert "use run.precision=fp32 to rule out bf16 overflow" in message
 
 
 def test_constant_teacher_warns_collapse(images, tmp_path, caplog):
@@ -226,6 +289,7 @@ def test_cli_trains_and_rejects_bad_keys(images, tmp_path, capsys):
     assert (output_dir / "train.log").is_file()
     assert "step 2: loss" in (output_dir / "train.log").read_text()
     assert [step for step, _ in list_checkpoints(output_dir)] == [2]
+    assert not (output_dir / "run.lock").exists()
     saved = load_pretrain_config(output_dir / "config.yaml")
     assert saved.run.max_steps == 2
     assert saved.model.embed_dim == 32
@@ -235,6 +299,54 @@ def test_cli_trains_and_rejects_bad_keys(images, tmp_path, capsys):
     status = pretrain_cli.main(["--config", str(config_file), "optim.lrr=1"])
     assert status == 2
     assert "unknown config key(s): optim.lrr" in capsys.readouterr().err
+
+
+def test_cli_rejects_locked_run_folder(images, tmp_path, capsys):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("run:\n  max_steps: 2\n")
+    output_dir = tmp_path / "run"
+    output_dir.mkdir()
+    # This test process is alive, so its lock is in use.
+    holder = {"hostname": socket.gethostname(), "pid": os.getpid(), "started": "09:00"}
+    (output_dir / "run.lock").write_text(json.dumps(holder))
+
+    status = pretrain_cli.main(["--config", str(config_file), *tiny_overrides(images, output_dir)])
+    assert status == 2
+    errors = capsys.readouterr().err
+    assert f"run folder {output_dir} is in use: process {os.getpid()}" in errors
+    assert "Traceback" not in errors
+    assert json.loads((output_dir / "run.lock").read_text()) == holder
+    assert sorted(path.name for path in output_dir.iterdir()) == ["run.lock"]
+
+
+def test_cli_rejects_output_dir_under_file(images, tmp_path, capsys):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("run:\n  max_steps: 2\n")
+    (tmp_path / "cell.png").write_bytes(b"png")
+    output_dir = tmp_path / "cell.png" / "run"
+
+    status = pretrain_cli.main(["--config", str(config_file), *tiny_overrides(images, output_dir)])
+    assert status == 2
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert len(lines) == 1
+    assert f"cannot create the run folder run.output_dir={output_dir}" in lines[0]
+    assert f"({tmp_path / 'cell.png'} is a file, not a folder)" in lines[0]
+
+
+def test_cli_sigterm_in_setup_releases_lock(images, tmp_path, monkeypatch):
+    def terminated_during_setup(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(PretrainTrainer, "__init__", terminated_during_setup)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("{}\n")
+    output_dir = tmp_path / "run"
+
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_cli.main(["--config", str(config_file), *tiny_overrides(images, output_dir)])
+    assert exit_info.value.code == 128 + signal.SIGTERM
+    assert not (output_dir / "run.lock").exists()
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
 def test_grad_checkpointing_same_weights(images, tmp_path):
@@ -284,6 +396,90 @@ def test_sigterm_saves_checkpoint_and_stops(images, tmp_path, caplog):
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
 
 
+def _trainer_signalling_at_step(images, output_dir, signals: list[int]) -> PretrainTrainer:
+    """Build a 6-step run whose second step sends ``signals`` to this process."""
+    trainer = PretrainTrainer(
+        tiny_config(images, output_dir, **{"run.max_steps": 6, "run.save_every_steps": 100}),
+        CPU,
+    )
+    healthy_step = trainer.train_step
+    calls = []
+
+    def step_then_signal(*args, **kwargs):
+        calls.append(1)
+        result = healthy_step(*args, **kwargs)
+        if len(calls) == 2:
+            for signal_number in signals:
+                os.kill(os.getpid(), signal_number)
+        return result
+
+    trainer.train_step = step_then_signal
+    return trainer
+
+
+def test_sigint_saves_checkpoint_and_stops(images, tmp_path, caplog):
+    output_dir = tmp_path / "run"
+    trainer = _trainer_signalling_at_step(images, output_dir, [signal.SIGINT])
+    with caplog.at_level(logging.WARNING, logger="cytofm.pretrain"):
+        result = trainer.train()
+    assert result.step == 2
+    assert [step for step, _ in list_checkpoints(output_dir)] == [2]
+    assert "Press Ctrl-C again to stop at once" in caplog.text
+    assert "received SIGINT: saved a checkpoint at step 2 and stopped" in caplog.text
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_second_sigint_aborts_without_saving(images, tmp_path):
+    output_dir = tmp_path / "run"
+    trainer = _trainer_signalling_at_step(images, output_dir, [signal.SIGINT, signal.SIGINT])
+    with pytest.raises(KeyboardInterrupt):
+        trainer.train()
+    assert trainer.step == 1
+    assert list_checkpoints(output_dir) == []
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+def test_cli_second_sigint_exits_130(images, tmp_path, capsys, monkeypatch):
+    healthy_step = PretrainTrainer.train_step
+
+    def step_then_interrupt_twice(self, *args, **kwargs):
+        result = healthy_step(self, *args, **kwargs)
+        os.kill(os.getpid(), signal.SIGINT)
+        os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    monkeypatch.setattr(PretrainTrainer, "train_step", step_then_interrupt_twice)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("run:\n  max_steps: 2\n")
+    overrides = tiny_overrides(images, tmp_path / "run")
+
+    assert pretrain_cli.main(["--config", str(config_file), *overrides]) == 130
+    errors = capsys.readouterr().err
+    assert "interrupted without saving. Run the same command again" in errors
+    assert "Traceback" not in errors
+    assert not (tmp_path / "run" / "run.lock").exists()
+
+
+class _InterruptOwnProcess(torch.utils.data.Dataset):
+    """Sends SIGINT to the process that loads an item, as Ctrl-C does to loader workers."""
+
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int) -> int:
+        os.kill(os.getpid(), signal.SIGINT)
+        return index
+
+
+def test_loader_workers_survive_sigint(images, tmp_path):
+    config = tiny_config(images, tmp_path / "run", **{"data.num_workers": 1})
+    worker_init_fn = build_pretrain_data(config, CPU).loader.worker_init_fn
+    loader = torch.utils.data.DataLoader(
+        _InterruptOwnProcess(), batch_size=2, num_workers=1, worker_init_fn=worker_init_fn
+    )
+    assert [batch.tolist() for batch in loader] == [[0, 1], [2, 3]]
+
+
 def test_resume_with_changed_config_keeps_old(images, tmp_path, caplog):
     output_dir = tmp_path / "run"
     run_tiny(images, output_dir, **{"run.max_steps": 1})
@@ -295,3 +491,17 @@ def test_resume_with_changed_config_keeps_old(images, tmp_path, caplog):
     assert "optim.lr" in caplog.text
     assert (output_dir / "config.before-step1.yaml").read_text() == first
     assert "lr: 0.123" in (output_dir / "config.yaml").read_text()
+
+
+def test_resume_with_nothing_to_do_keeps_config(images, tmp_path):
+    output_dir = tmp_path / "run"
+    run_tiny(images, output_dir, **{"run.max_steps": 2})
+    config_file = output_dir / "config.yaml"
+    with config_file.open("a") as handle:
+        handle.write("# note added by hand\n")
+    written = config_file.read_text()
+
+    _, result = run_tiny(images, output_dir, **{"run.max_steps": 2, "optim.lr": 0.123})
+    assert result.step == 2
+    assert config_file.read_text() == written
+    assert sorted(output_dir.glob("config*.yaml")) == [config_file]

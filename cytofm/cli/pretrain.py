@@ -15,10 +15,17 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from cytofm.config import ConfigError
+
+if TYPE_CHECKING:
+    from cytofm.pretrain.config import PretrainConfig
+    from cytofm.pretrain.distributed import DistributedContext
 
 logger = logging.getLogger(__name__)
 
@@ -47,10 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
     # Imported here so that --help returns without loading torch.
-    from cytofm.data.pretrain_dataset import DataLoadingError
     from cytofm.pretrain.config import load_pretrain_config
     from cytofm.pretrain.distributed import init_distributed, shutdown
-    from cytofm.pretrain.trainer import NonFiniteLossError, PretrainTrainer
     from cytofm.utils.logging import setup_logging
 
     try:
@@ -66,7 +71,55 @@ def main(argv: Sequence[str] | None = None) -> int:
         setup_logging()
         logger.error("cannot start the run: %s", error)
         return 2
-    setup_logging(config.run.output_dir / "train.log", rank=context.rank)
+    previous_handlers = _exit_on_stop_signals()
+    try:
+        return _run(config, context)
+    finally:
+        shutdown(context)
+        for signal_number, handler in previous_handlers.items():
+            signal.signal(signal_number, handler)
+
+
+def _run(config: PretrainConfig, context: DistributedContext) -> int:
+    """Lock the run folder and train; the lock is released on return, error or SystemExit."""
+    from cytofm.pretrain.distributed import any_rank
+    from cytofm.pretrain.run_lock import RunLockedError, acquire_run_lock
+    from cytofm.utils.logging import setup_logging
+
+    # Console only until the lock is held, so a rejected start writes nothing into the folder.
+    setup_logging(rank=context.rank)
+    output_dir = config.run.output_dir
+    lock = None
+    failed = False
+    if context.is_main:
+        try:
+            lock = acquire_run_lock(output_dir)
+        except RunLockedError as error:
+            logger.error("%s", error)
+            failed = True
+        except OSError as error:
+            logger.error(
+                "cannot create the run folder run.output_dir=%s: %s. Choose a folder that can "
+                "be created and written",
+                output_dir,
+                _describe_path_error(output_dir, error),
+            )
+            failed = True
+    try:
+        if any_rank(failed, context):
+            return 2
+        setup_logging(output_dir / "train.log", rank=context.rank)
+        return _train(config, context)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(config: PretrainConfig, context: DistributedContext) -> int:
+    """Build the trainer and train, turning the expected failures into one log line each."""
+    from cytofm.data.pretrain_dataset import DataLoadingError
+    from cytofm.pretrain.trainer import NonFiniteLossError, PretrainTrainer
+
     try:
         try:
             trainer = PretrainTrainer(config, context)
@@ -91,13 +144,58 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DataLoadingError as error:
         logger.error("data loading failed: %s", str(error).strip().splitlines()[-1])
         return 1
-    finally:
-        shutdown(context)
+    except KeyboardInterrupt:
+        # A second Ctrl-C during training, or the first one before training started.
+        logger.error(
+            "interrupted without saving. Run the same command again to resume from the newest "
+            "checkpoint in %s",
+            config.run.output_dir / "checkpoints",
+        )
+        return 130
+    except OSError as error:
+        # For example a full disk or a lost network file system while writing a checkpoint.
+        logger.error(
+            "reading or writing %s failed: %s", error.filename or "a file", error.strerror or error
+        )
+        return 1
     if result.checkpoint is not None:
         logger.info("done: step %d, last checkpoint %s", result.step, result.checkpoint)
     else:
         logger.info("done: step %d", result.step)
     return 0
+
+
+def _exit_on_stop_signals() -> dict[int, Any]:
+    """Turn SIGTERM and SIGUSR1 into SystemExit until training installs its own handlers.
+
+    Without this, a signal during set-up (slide indexing can take minutes) ends the process
+    at once, and the lock file stays behind. Returns the replaced handlers.
+    """
+
+    def exit_now(signal_number: int, frame: Any) -> None:
+        logger.error(
+            "received %s before training started: stopping", signal.Signals(signal_number).name
+        )
+        raise SystemExit(128 + signal_number)
+
+    previous = {}
+    for signal_number in (signal.SIGTERM, signal.SIGUSR1):
+        try:
+            previous[signal_number] = signal.signal(signal_number, exit_now)
+        except ValueError:  # not the main thread
+            break
+    return previous
+
+
+def _describe_path_error(path: Path, error: OSError) -> str:
+    """Return the reason of ``error``, naming the part of ``path`` that is a file, if any."""
+    reason = error.strerror or str(error)
+    for parent in [Path(path), *Path(path).parents]:
+        if parent.exists() and not parent.is_dir():
+            return f"{reason} ({parent} is a file, not a folder)"
+    if error.filename is not None:
+        return f"{reason}: {error.filename}"
+    return reason
 
 
 if __name__ == "__main__":

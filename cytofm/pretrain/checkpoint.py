@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from cytofm.pretrain.run_folder import unused_path
 from cytofm.utils.io import atomic_torch_save
 
 logger = logging.getLogger(__name__)
@@ -49,6 +50,8 @@ REQUIRED_KEYS = (
     "model",
 )
 _NAME_PATTERN = re.compile(r"^checkpoint-(\d+)\.pt$")
+# Added to the name of a checkpoint that failed to load, so that it no longer matches.
+UNREADABLE_SUFFIX = ".unreadable"
 
 
 def checkpoint_path(output_dir: Path, step: int) -> Path:
@@ -73,12 +76,16 @@ def list_checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
 
 
 def save_checkpoint(state: dict[str, Any], output_dir: Path, keep_last: int) -> Path:
-    """Write ``state`` atomically and delete all but the newest ``keep_last`` checkpoints.
+    """Write ``state`` atomically and delete older checkpoints beyond the newest ``keep_last``.
+
+    Only checkpoints of earlier steps than ``state["step"]`` are deleted, so the file just
+    written is always kept. Files with later steps in their names than this run has reached
+    are left in place with a warning.
 
     Args:
         state: checkpoint dict in the layout above; ``state["step"]`` names the file.
         output_dir: run folder; checkpoints go into its ``checkpoints`` subfolder.
-        keep_last: number of checkpoints to keep (at least 1).
+        keep_last: number of checkpoints to keep (at least 1), the new one included.
 
     Returns:
         Path of the new checkpoint.
@@ -86,10 +93,24 @@ def save_checkpoint(state: dict[str, Any], output_dir: Path, keep_last: int) -> 
     missing = [key for key in REQUIRED_KEYS if key not in state]
     if missing:
         raise ValueError(f"checkpoint state is missing keys: {', '.join(missing)}")
-    path = checkpoint_path(output_dir, int(state["step"]))
+    step = int(state["step"])
+    path = checkpoint_path(output_dir, step)
     atomic_torch_save(state, path)
     logger.info("saved checkpoint %s", path)
-    for _, old_path in list_checkpoints(output_dir)[: -max(keep_last, 1)]:
+
+    checkpoints = list_checkpoints(output_dir)
+    older = [old_path for old_step, old_path in checkpoints if old_step < step]
+    later = [later_path.name for later_step, later_path in checkpoints if later_step > step]
+    if later:
+        logger.warning(
+            "%s has checkpoints of later steps than this run's step %d, which rotation leaves "
+            "in place: %s",
+            path.parent,
+            step,
+            ", ".join(later),
+        )
+    num_to_delete = max(len(older) - (max(keep_last, 1) - 1), 0)
+    for old_path in older[:num_to_delete]:
         old_path.unlink(missing_ok=True)
         logger.info("removed old checkpoint %s", old_path)
     return path
@@ -112,21 +133,67 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return state
 
 
-def load_latest_checkpoint(output_dir: Path) -> dict[str, Any] | None:
+def load_latest_checkpoint(
+    output_dir: Path, *, set_aside_unreadable: bool = False
+) -> dict[str, Any] | None:
     """Load the newest checkpoint of a run folder that reads back, or None if there is none.
 
     A checkpoint that fails to load (for example a file truncated by a full disk) is skipped
     with a warning and the next older one is tried.
+
+    Args:
+        output_dir: Run folder.
+        set_aside_unreadable: Rename each checkpoint that fails to load to
+            ``<name>.unreadable``, so that it no longer counts as a checkpoint for rotation
+            or later resumes. Only the process that writes checkpoints should do this.
     """
     for _, path in reversed(list_checkpoints(output_dir)):
         try:
             state = load_checkpoint(path)
-        except (RuntimeError, ValueError, OSError, EOFError) as error:
-            logger.warning("skipping unreadable checkpoint %s: %s", path, error)
+        # torch.load of a damaged file raises many types (EOFError, RuntimeError,
+        # UnpicklingError, IndexError, ...), and every one of them means the file is unusable.
+        except Exception as error:
+            reason = describe_load_error(path, error)
+            if not set_aside_unreadable:
+                logger.warning("skipping unreadable checkpoint %s: %s", path, reason)
+                continue
+            set_aside = unused_path(path.with_name(path.name + UNREADABLE_SUFFIX))
+            try:
+                path.rename(set_aside)
+            except OSError as rename_error:
+                logger.warning(
+                    "skipping unreadable checkpoint %s: %s. Renaming it to %s failed: %s",
+                    path,
+                    reason,
+                    set_aside.name,
+                    rename_error,
+                )
+                continue
+            logger.warning(
+                "skipping unreadable checkpoint %s: %s. Renamed it to %s, so it no longer "
+                "counts as a checkpoint",
+                path,
+                reason,
+                set_aside.name,
+            )
             continue
         logger.info("resuming from %s (step %d)", path, state["step"])
         return state
     return None
+
+
+def describe_load_error(path: Path, error: BaseException) -> str:
+    """Return a one-line reason why ``path`` failed to load."""
+    try:
+        if path.stat().st_size == 0:
+            return "empty file (0 bytes)"
+    except OSError:
+        pass
+    lines = str(error).strip().splitlines()
+    if not lines:
+        return type(error).__name__
+    # torch's message for a truncated file adds several sentences of advice after the first.
+    return lines[0].split(". ")[0]
 
 
 def capture_rng_state() -> dict[str, Any]:

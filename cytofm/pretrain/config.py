@@ -9,11 +9,13 @@ changes.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 from cytofm.config import ConfigError, load_config
+from cytofm.models.vit import ARCHITECTURES
 from cytofm.pretrain.augment import MultiCropConfig
 from cytofm.pretrain.masking import MaskingConfig
 
@@ -195,10 +197,23 @@ def validate(config: PretrainConfig) -> None:
         "head.out_dim": config.head.out_dim,
         "head.patch_out_dim": config.head.patch_out_dim,
         "model.patch_size": config.model.patch_size,
+        "model.img_size": config.model.img_size,
+        # A temperature of 0 or less makes the softmax NaN or inverts it.
+        "loss.student_temp": config.loss.student_temp,
+        "schedule.teacher_temp_start": config.schedule.teacher_temp_start,
+        "schedule.teacher_temp": config.schedule.teacher_temp,
+        "schedule.teacher_patch_temp_start": config.schedule.teacher_patch_temp_start,
+        "schedule.teacher_patch_temp": config.schedule.teacher_patch_temp,
     }
+    for key in ("embed_dim", "depth", "num_heads"):
+        if getattr(config.model, key) is not None:
+            positive[f"model.{key}"] = getattr(config.model, key)
+    typical = {"loss.student_temp": 0.1, "schedule.teacher_temp": 0.07}
     for key, value in positive.items():
         if value <= 0:
-            raise ConfigError(f"{key} must be positive, got {value}")
+            hint = f" (iBOT uses {typical[key]})" if key in typical else ""
+            raise ConfigError(f"{key} must be positive, got {value}{hint}")
+    _validate_model_shape(config)
     if config.data.num_workers < 0:
         raise ConfigError(f"data.num_workers must be 0 or more, got {config.data.num_workers}")
     if config.run.num_threads is not None and config.run.num_threads <= 0:
@@ -231,3 +246,38 @@ def validate(config: PretrainConfig) -> None:
                 f"data.sources[{index}] reads slides, which are tiled at data.field_size: "
                 "set data.field_size (e.g. 512)"
             )
+
+
+def _validate_model_shape(config: PretrainConfig) -> None:
+    """Check that image and crop sizes tile into whole patches and the heads split the width."""
+    patch_size = config.model.patch_size
+    sizes = {
+        "model.img_size": config.model.img_size,
+        "crops.global_crop_size": config.crops.global_crop_size,
+        "crops.local_crop_size": config.crops.local_crop_size,
+    }
+    for key, size in sizes.items():
+        if size % patch_size != 0:
+            suggestion = math.ceil(size / patch_size) * patch_size
+            raise ConfigError(
+                f"{key} must be a multiple of model.patch_size ({patch_size}), got {size}. "
+                f"Use e.g. {suggestion}"
+            )
+
+    model = config.model
+    preset_width, _, preset_heads = ARCHITECTURES[model.arch]
+    if model.embed_dim is not None:
+        width, width_source = model.embed_dim, "model.embed_dim"
+    else:
+        width, width_source = preset_width, model.arch
+    if model.num_heads is not None:
+        heads, heads_source = model.num_heads, f"got {model.num_heads}"
+    else:
+        heads, heads_source = preset_heads, f"got null, so {preset_heads} from {model.arch}"
+    if width % heads != 0:
+        divisors = [count for count in range(1, width + 1) if width % count == 0]
+        suggestion = min(divisors, key=lambda count: (abs(count - heads), count))
+        raise ConfigError(
+            f"model.num_heads must divide the width {width} ({width_source}), {heads_source}. "
+            f"Use e.g. {suggestion}"
+        )

@@ -104,3 +104,12 @@ def all_reduce_mean(tensor: torch.Tensor, context: DistributedContext) -> torch.
         dist.all_reduce(result, op=dist.ReduceOp.SUM)
         result /= context.world_size
     return result
+
+
+def any_rank(flag: bool, context: DistributedContext) -> bool:
+    """Return True on every process if ``flag`` is True on at least one of them."""
+    if not context.is_distributed:
+        return flag
+    tensor = torch.tensor([float(flag)], device=context.device)
+    dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+    return bool(tensor.item() > 0)

@@ -11,6 +11,7 @@ from cytofm.data.pretrain_dataset import ImageSource, MixtureSampler, PretrainIm
 from cytofm.pretrain.augment import MultiCropAugmentation
 from cytofm.pretrain.config import PretrainConfig
 from cytofm.pretrain.distributed import DistributedContext, barrier
+from cytofm.pretrain.stop_signals import ignore_interrupts_in_worker
 
 
 @dataclass
@@ -105,5 +106,7 @@ def build_pretrain_data(config: PretrainConfig, context: DistributedContext) -> 
         drop_last=True,
         persistent_workers=workers > 0,
         prefetch_factor=config.data.prefetch_factor if workers > 0 else None,
+        # The main process saves a checkpoint on the first Ctrl-C, which needs live workers.
+        worker_init_fn=ignore_interrupts_in_worker,
     )
     return PretrainData(dataset, sampler, loader, steps_per_epoch)

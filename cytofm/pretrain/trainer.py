@@ -22,15 +22,15 @@ from typing import Any
 
 import numpy as np
 import torch
-import yaml
 from torch import nn
 from tqdm import tqdm
 
-from cytofm.config import save_config, to_dict
+from cytofm.config import to_dict
 from cytofm.pretrain.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     capture_rng_state,
+    list_checkpoints,
     load_latest_checkpoint,
     restore_rng_state,
     save_checkpoint,
@@ -48,7 +48,9 @@ from cytofm.pretrain.networks import (
     build_student_teacher,
 )
 from cytofm.pretrain.precision import resolve_precision
+from cytofm.pretrain.run_folder import save_resolved_config
 from cytofm.pretrain.schedules import Schedules, ScheduleValues, scale_learning_rate
+from cytofm.pretrain.stop_signals import StopSignals
 from cytofm.pretrain.teacher import cancel_last_layer_gradients, param_groups, update_teacher
 
 logger = logging.getLogger(__name__)
@@ -89,6 +91,41 @@ def derive_seed(*values: int) -> int:
     """Mix integers (seed, step, stream, ...) into one 63-bit seed."""
     state = np.random.SeedSequence([int(value) for value in values]).generate_state(2, np.uint32)
     return (int(state[0]) << 31) ^ int(state[1])
+
+
+def describe_non_finite_loss(
+    losses: dict[str, float],
+    *,
+    step: int,
+    epoch: int,
+    last_checkpoint: Path | None,
+    output_dir: Path,
+    precision: str,
+) -> str:
+    """Return the error message for a NaN or infinite loss at ``step`` (counted from 1).
+
+    The message names the checkpoint a new start would resume from, or states that there is
+    none, and suggests fp32 only to a run that uses another precision.
+    """
+    described = ", ".join(f"{name}={value}" for name, value in losses.items())
+    parts = [
+        f"non-finite loss at step {step} (epoch {epoch}): {described}.",
+        "The weights of this step were not updated.",
+    ]
+    if last_checkpoint is not None:
+        parts.append(f"The last checkpoint, {last_checkpoint}, is intact.")
+    else:
+        parts.append(
+            f"No checkpoint was written to {output_dir} yet, so running again starts from step 0."
+        )
+    if precision == "fp32":
+        parts.append("Lower optim.lr or raise schedule.teacher_temp_start.")
+    else:
+        parts.append(
+            "Lower optim.lr, raise schedule.teacher_temp_start, or use run.precision=fp32 to "
+            f"rule out {precision} overflow."
+        )
+    return " ".join(parts)
 
 
 def draw_step_masks(
@@ -212,6 +249,7 @@ class PretrainTrainer:
 
         self.step = 0
         self.last_checkpoint: Path | None = None
+        self.stop_signals = StopSignals()
         self._resume()
 
         self.student_forward = self._wrap_student()
@@ -263,7 +301,7 @@ class PretrainTrainer:
         return module
 
     def _resume(self) -> None:
-        state = load_latest_checkpoint(self.output_dir)
+        state = load_latest_checkpoint(self.output_dir, set_aside_unreadable=self.context.is_main)
         if state is None:
             logger.info("no checkpoint in %s: starting from step 0", self.output_dir)
             return
@@ -338,60 +376,23 @@ class PretrainTrainer:
             "model": backbone_arguments(self.config.model, self.teacher.backbone),
         }
 
-    def _install_stop_handlers(self) -> dict[int, Any]:
-        """Catch SIGTERM and SIGUSR1 (sent by SLURM before preemption or time-out).
-
-        The handler only records the signal; the loop saves a checkpoint after the current
-        step and returns, so a requeued job resumes from there. Handlers can only be set from
-        the main thread; elsewhere (a notebook's worker thread) nothing is installed.
-        """
-        self._stop_signal: int | None = None
-        previous: dict[int, Any] = {}
-
-        def record(signal_number: int, frame: Any) -> None:
-            self._stop_signal = signal_number
-
-        for signal_number in (signal.SIGTERM, signal.SIGUSR1):
-            try:
-                previous[signal_number] = signal.signal(signal_number, record)
-            except ValueError:  # not the main thread
-                break
-        return previous
-
     def _stop_requested(self) -> bool:
         """Check whether any rank received a stop signal, so every rank stops at the same step.
 
         With several processes the check is an all-reduce that waits for the device, so it runs
-        only every ``STOP_CHECK_EVERY_STEPS`` steps; all ranks skip the same steps.
+        only every ``STOP_CHECK_EVERY_STEPS`` steps, and all ranks skip the same steps. A rank
+        that received no signal takes the highest signal number among the ranks as its own.
         """
-        requested = getattr(self, "_stop_signal", None) is not None
+        received = self.stop_signals.received
         if self.context.world_size > 1:
             if self.step % STOP_CHECK_EVERY_STEPS != 0:
                 return False
-            flag = torch.tensor([float(requested)], device=self.device)
+            flag = torch.tensor([float(received or 0)], device=self.device)
             torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-            if flag.item() > 0 and not requested:
-                self._stop_signal = int(signal.SIGTERM)
-            requested = flag.item() > 0
-        return requested
-
-    def _save_resolved_config(self) -> None:
-        """Write ``config.yaml``; on resume, keep a differing earlier one and log the changes."""
-        path = self.output_dir / "config.yaml"
-        current = to_dict(self.config)
-        if path.is_file():
-            previous = yaml.safe_load(path.read_text()) or {}
-            changes = _changed_keys(previous, current)
-            if changes:
-                kept = path.with_name(f"config.before-step{self.step}.yaml")
-                path.replace(kept)
-                logger.warning(
-                    "config changed on resume at step %d: %s; the earlier config is kept as %s",
-                    self.step,
-                    ", ".join(changes[:10]) + (" ..." if len(changes) > 10 else ""),
-                    kept.name,
-                )
-        save_config(self.config, path)
+            if flag.item() > 0 and received is None:
+                self.stop_signals.received = int(flag.item())
+            return flag.item() > 0
+        return received is not None
 
     def save(self) -> None:
         """Write a checkpoint from rank 0; every rank waits until it is on disk."""
@@ -484,12 +485,16 @@ class PretrainTrainer:
         terms = torch.stack([losses[name].detach() for name in LOSS_TERMS])
         loss_values = dict(zip(LOSS_TERMS, all_reduce_mean(terms, self.context).tolist()))
         if not all(math.isfinite(value) for value in loss_values.values()):
-            described = ", ".join(f"{name}={value}" for name, value in loss_values.items())
+            earlier = [path for saved, path in list_checkpoints(self.output_dir) if saved <= step]
             raise NonFiniteLossError(
-                f"non-finite loss at step {step + 1} (epoch {self.epoch}): {described}. The "
-                f"weights of this step were not updated; the last checkpoint in "
-                f"{self.output_dir / 'checkpoints'} is intact. Lower optim.lr, raise "
-                "schedule.teacher_temp_start, or use run.precision=fp32 to find the cause."
+                describe_non_finite_loss(
+                    loss_values,
+                    step=step + 1,
+                    epoch=self.epoch,
+                    last_checkpoint=earlier[-1] if earlier else None,
+                    output_dir=self.output_dir,
+                    precision=self.precision.name,
+                )
             )
 
         self.optimizer.zero_grad(set_to_none=True)
@@ -535,13 +540,15 @@ class PretrainTrainer:
             NonFiniteLossError: the loss became NaN or infinite.
         """
         config = self.config
-        if self.context.is_main:
-            self._save_resolved_config()
         stop = self.stop_step()
         losses: dict[str, float] = {}
         if self.step >= stop:
+            # config.yaml stays as it is, because it describes the settings that trained the
+            # checkpoints.
             logger.info("nothing to do: step %d already reached the stop step %d", self.step, stop)
             return TrainResult(self.step, self.epoch, losses, self.last_checkpoint)
+        if self.context.is_main:
+            save_resolved_config(self.config, self.output_dir, self.step)
 
         logger.info(
             "training from step %d (epoch %d) to step %d on %d process(es)",
@@ -561,7 +568,7 @@ class PretrainTrainer:
         self.student.train()
         self.teacher.train()
         window_start, window_steps = time.perf_counter(), 0
-        previous_handlers = self._install_stop_handlers()
+        self.stop_signals.install()
         try:
             while self.step < stop and not self._stop_requested():
                 epoch = self.epoch
@@ -597,27 +604,14 @@ class PretrainTrainer:
                         logger.warning(
                             "received %s: saved a checkpoint at step %d and stopped; run the "
                             "same command again to resume",
-                            signal.Signals(self._stop_signal).name,
+                            signal.Signals(self.stop_signals.received).name,
                             self.step,
                         )
                     if end_of_epoch or self.step >= stop or stopping:
                         break
         finally:
-            for signal_number, handler in previous_handlers.items():
-                signal.signal(signal_number, handler)
+            self.stop_signals.restore()
             progress.close()
             self.metrics.close()
         logger.info("stopped at step %d (epoch %d)", self.step, self.epoch)
         return TrainResult(self.step, self.epoch, losses, self.last_checkpoint)
-
-
-def _changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
-    """List dotted keys whose values differ between two nested config dicts."""
-    if isinstance(old, dict) and isinstance(new, dict):
-        changed: list[str] = []
-        for key in sorted(set(old) | set(new), key=str):
-            changed += _changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
-        return changed
-    if old != new:
-        return [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
-    return []

@@ -1,0 +1,76 @@
+"""Files of a run folder besides checkpoints: the resolved config and its earlier versions."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from cytofm.config import save_config, to_dict
+
+logger = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.yaml"
+
+
+def unused_path(path: Path) -> Path:
+    """Return ``path`` if nothing exists there, else the first free ``<stem>-2<suffix>``, ...
+
+    Only one process may write into a run folder (see ``cytofm.pretrain.run_lock``), so the
+    returned name is still free when the caller writes it.
+    """
+    candidate = path
+    number = 2
+    while candidate.exists() or candidate.is_symlink():
+        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+        number += 1
+    return candidate
+
+
+def save_resolved_config(config: Any, output_dir: Path, step: int) -> Path | None:
+    """Write ``config.yaml`` unless it already contains the same config.
+
+    When the run folder has a ``config.yaml`` with other values (a resume with changed
+    settings), the earlier file is renamed to ``config.before-step<step>.yaml`` first, with a
+    number added if that name is taken, and the changed keys are logged.
+
+    Args:
+        config: Resolved config dataclass.
+        output_dir: Run folder.
+        step: Optimizer steps done so far, used in the name of the earlier config.
+
+    Returns:
+        Path of the earlier config if one was kept, else None.
+    """
+    path = Path(output_dir) / CONFIG_NAME
+    current = to_dict(config)
+    backup_path = None
+    if path.is_file():
+        previous = yaml.safe_load(path.read_text()) or {}
+        changes = changed_keys(previous, current)
+        if not changes:
+            return None
+        backup_path = unused_path(path.with_name(f"config.before-step{step}.yaml"))
+        path.replace(backup_path)
+        logger.warning(
+            "config changed on resume at step %d: %s; the earlier config is kept as %s",
+            step,
+            ", ".join(changes[:10]) + (" ..." if len(changes) > 10 else ""),
+            backup_path.name,
+        )
+    save_config(config, path)
+    return backup_path
+
+
+def changed_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """List dotted keys whose values differ between two nested config dicts."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changed: list[str] = []
+        for key in sorted(set(old) | set(new), key=str):
+            changed += changed_keys(old.get(key), new.get(key), f"{prefix}{key}.")
+        return changed
+    if old != new:
+        return [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+    return []
