@@ -202,3 +202,15 @@ def test_read_mil_bag_unknown_seed_lists_runs(tmp_path):
     with pytest.raises(FileNotFoundError, match="seed 5") as error:
         read_mil_bag(run, "slide_7", seed=5)
     assert "the run contains features_a/abmil/seed0;" in str(error.value)
+
+
+def test_locate_source_image_adds_extension(tmp_path):
+    run = make_run(tmp_path / "run")
+    (tmp_path / "data").mkdir()
+    image = write_noise_image(tmp_path / "data" / "slide_7.jpg", 8, 8)
+    labels = tmp_path / "data" / "labels.csv"
+    labels.write_text("bag_id,label\nslide_7,positive\n")
+    bags_meta = {"kind": "image_tiles", "root": str(tmp_path / "data"), "labels_csv": str(labels)}
+    write_run_records(run, tmp_path, bags_meta)
+    fold_dir = read_mil_bag(run, "slide_7").fold_dir
+    assert locate_source_image(run, fold_dir, "slide_7") == image

@@ -37,7 +37,7 @@ import csv
 import glob
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -273,6 +273,17 @@ def _csv_bags(config: BagConfig, root: Path) -> list[BagSpec]:
     return bags
 
 
+def files_with_stem(target: Path, suffixes: Collection[str] = IMAGE_EXTENSIONS) -> list[Path]:
+    """Return the files ``<target>.<suffix>`` that exist, for any of ``suffixes``, sorted."""
+    if not target.parent.is_dir():
+        return []
+    return sorted(
+        path
+        for path in target.parent.glob(glob.escape(target.name) + ".*")
+        if path.suffix.lower() in suffixes and path.stem == target.name and path.is_file()
+    )
+
+
 def _file_with_extension(target: Path, bag_id: str, config: BagConfig) -> Path:
     """Find ``<bag_id>.<extension>`` for a bag id given without its file extension.
 
@@ -284,13 +295,7 @@ def _file_with_extension(target: Path, bag_id: str, config: BagConfig) -> Path:
     from cytofm.data.wsi import SLIDE_EXTENSIONS
 
     suffixes = SLIDE_EXTENSIONS if config.kind == "wsi" else IMAGE_EXTENSIONS
-    if not target.parent.is_dir():
-        return target
-    matches = sorted(
-        path
-        for path in target.parent.glob(glob.escape(target.name) + ".*")
-        if path.suffix.lower() in suffixes and path.stem == target.name and path.is_file()
-    )
+    matches = files_with_stem(target, suffixes)
     if len(matches) > 1:
         names = ", ".join(path.name for path in matches)
         raise ValueError(

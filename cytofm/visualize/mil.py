@@ -31,7 +31,7 @@ from matplotlib.colors import Normalize
 from matplotlib.figure import Figure
 from PIL import Image
 
-from cytofm.data.bags import read_labels_csv
+from cytofm.data.bags import files_with_stem, read_labels_csv
 from cytofm.data.decode import load_rgb
 from cytofm.visualize.drawing import blend_heatmap, new_figure, save_figure
 from cytofm.visualize.images import IMAGE_SUFFIXES
@@ -259,6 +259,10 @@ def locate_source_image(run_dir: str | Path, fold_dir: Path, bag_id: str) -> Pat
             f"bags of kind {kind!r} in {meta_path} have no single source image; pass --image"
         )
     if not candidate.is_file():
+        # Bag ids may omit the extension; cytofm-extract then used the one image of that stem.
+        matches = files_with_stem(candidate)
+        if len(matches) == 1:
+            return matches[0]
         raise FileNotFoundError(
             f"source image of bag {bag_id!r} not found at {candidate}; pass --image or --image-root"
         )
