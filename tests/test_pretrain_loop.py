@@ -127,6 +127,18 @@ def test_checkpoint_loads_as_backbone(images, tmp_path):
         assert torch.allclose(loaded.model(pixels), teacher(pixels), atol=1e-6)
 
 
+def _scale_student_output(trainer: PretrainTrainer, field: str, factor: float) -> None:
+    """Make the student's ``field`` logits non-finite by multiplying them with ``factor``."""
+    healthy_forward = trainer.student_forward
+
+    def broken_forward(*args, **kwargs) -> NetworkOutput:
+        output = healthy_forward(*args, **kwargs)
+        setattr(output, field, getattr(output, field) * factor)
+        return output
+
+    trainer.student_forward = broken_forward
+
+
 def test_nan_loss_stops_and_keeps_checkpoint(images, tmp_path):
     output_dir = tmp_path / "run"
     run_tiny(images, output_dir, **{"run.max_steps": 2})
@@ -134,14 +146,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(images, tmp_path):
     digest = hashlib.sha256(checkpoint.read_bytes()).hexdigest()
 
     trainer = PretrainTrainer(tiny_config(images, output_dir, **{"run.max_steps": 4}), CPU)
-    healthy_forward = trainer.student_forward
-
-    def forward_with_nan(*args, **kwargs) -> NetworkOutput:
-        output = healthy_forward(*args, **kwargs)
-        output.cls_logits = output.cls_logits * float("nan")
-        return output
-
-    trainer.student_forward = forward_with_nan
+    _scale_student_output(trainer, "cls_logits", float("nan"))
     with pytest.raises(NonFiniteLossError) as error:
         trainer.train()
     message = str(error.value)
@@ -160,14 +165,7 @@ def test_nan_loss_stops_and_keeps_checkpoint(images, tmp_path):
 def test_nan_loss_without_checkpoint_named(images, tmp_path):
     output_dir = tmp_path / "run"
     trainer = PretrainTrainer(tiny_config(images, output_dir, **{"run.max_steps": 2}), CPU)
-    healthy_forward = trainer.student_forward
-
-    def forward_with_nan(*args, **kwargs) -> NetworkOutput:
-        output = healthy_forward(*args, **kwargs)
-        output.patch_logits = output.patch_logits * float("inf")
-        return output
-
-    trainer.student_forward = forward_with_nan
+    _scale_student_output(trainer, "patch_logits", float("inf"))
     with pytest.raises(NonFiniteLossError) as error:
         trainer.train()
     message = str(error.value)
