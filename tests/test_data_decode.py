@@ -255,14 +255,23 @@ def test_la16_png_scaled_and_composited(tmp_path):
     assert tuple(pixels[0, 2]) == (255, 255, 255)
 
 
+@pytest.mark.parametrize("deflate", [False, True])
 @pytest.mark.parametrize("byte_order", ["<", ">"])
 @pytest.mark.parametrize("channels", [3, 4])
-def test_rgb16_tiff_scaled(tmp_path, byte_order, channels):
+def test_rgb16_tiff_scaled(tmp_path, byte_order, channels, deflate):
     values = np.random.default_rng(channels).integers(0, 1024, size=(4, 5, channels))
     values[1, 2, :3] = 1023  # 10-bit camera
     if channels == 4:
         values[..., 3] = 65535
     path = tmp_path / "rgb10.tif"
-    path.write_bytes(tiff16(values, byte_order))
+    path.write_bytes(tiff16(values, byte_order, deflate=deflate))
     pixels = np.asarray(load_rgb(path))
     np.testing.assert_array_equal(pixels, _expected_8bit(values[..., :3], 1023))
+
+
+def test_rgb16_planar_tiff_rejected(tmp_path):
+    values = np.random.default_rng(0).integers(0, 4096, size=(4, 5, 3))
+    path = tmp_path / "planar.tif"
+    path.write_bytes(tiff16(values, planar=True))
+    with pytest.raises(ImageDecodeError, match="planar.tif.*stored plane by plane"):
+        load_rgb(path)

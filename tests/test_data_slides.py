@@ -289,3 +289,35 @@ def test_torchrun_ranks_share_slide_index(tmp_path):
     assert len(index_files) == 1
     assert index_files[0].startswith("slide-tiles-")
     assert "slide " in (tmp_path / "ddp" / "train.log").read_text()
+
+
+def test_base_magnification_only_fills_missing_value():
+    slide = FakeSlide(properties={"openslide.mpp-x": "0.5"})  # a 20x scan
+    # The configured 40x must not override the slide's own 20x.
+    assert wsi.plan_level(slide, 10, base=40).downsample == pytest.approx(2.0)
+    unlabelled = FakeSlide(properties={"openslide.objective-power": "n/a"})
+    assert wsi.plan_level(unlabelled, 10, base=40).downsample == pytest.approx(4.0)
+
+
+def test_unfitting_magnification_stops_index(tmp_path):
+    (tmp_path / "s.svs").write_bytes(b"x")
+    with pytest.raises(ValueError, match=r"slide .*s.svs: magnification 80x is above"):
+        SlideTileTable(
+            tmp_path,
+            ["s.svs"],
+            SlideTiling(tile_size=128, magnification=80),
+            opener=lambda path: FakeSlide(),
+        )
+
+
+def test_corrupt_saved_index_rebuilt(tmp_path, caplog):
+    (tmp_path / "s.svs").write_bytes(b"x")
+    tiling = SlideTiling(tile_size=128, magnification=5)
+    options = {"cache_dir": tmp_path / "cache", "opener": lambda path: FakeSlide()}
+    first = SlideTileTable(tmp_path, ["s.svs"], tiling, **options)
+    (saved,) = (tmp_path / "cache").glob("slide-tiles-*.npz")
+    saved.write_bytes(saved.read_bytes()[:100])
+
+    again = SlideTileTable(tmp_path, ["s.svs"], tiling, **options)
+    assert "is unreadable" in caplog.text
+    assert [again.box(i) for i in range(len(again))] == [first.box(i) for i in range(len(first))]

@@ -57,6 +57,15 @@ def test_sinkhorn_survives_large_logits():
     torch.testing.assert_close(result, torch.eye(2))
 
 
+def test_sinkhorn_wide_logit_range_keeps_every_row():
+    # A logit range of about 20 / 0.04 = 500 underflows exp() in float32 for whole rows.
+    logits = 3 * torch.randn(32, 16, generator=torch.Generator().manual_seed(4))
+    result = sinkhorn_knopp(logits, temperature=0.04)
+    torch.testing.assert_close(result.sum(1), torch.ones(32))
+    expected = _reference(logits.double().numpy(), 0.04, 3)
+    np.testing.assert_allclose(result.numpy(), expected, rtol=1e-4, atol=1e-6)
+
+
 def test_sinkhorn_rejects_bad_input():
     with pytest.raises(ValueError, match=r"logits must be \[N, K\]"):
         sinkhorn_knopp(torch.zeros(3), 0.1)

@@ -1,7 +1,8 @@
 """Writers of 16-bit-per-channel PNG and TIFF files, which Pillow cannot save itself.
 
 The PNG writer applies the chosen scanline filter (0 none, 1 sub, 2 up, 4 Paeth), so tests
-exercise the decoder's unfiltering. The TIFF writer stores one uncompressed strip.
+exercise the decoder's unfiltering. The TIFF writer stores one strip per plane, raw or
+deflate-compressed.
 """
 
 from __future__ import annotations
@@ -56,39 +57,64 @@ def png16(values: np.ndarray, filter_kind: int = 4) -> bytes:
     )
 
 
-def tiff16(values: np.ndarray, byte_order: str = "<") -> bytes:
-    """Encode ``values`` (``[H, W, 3 or 4]``) as an uncompressed 16-bit RGB(A) TIFF."""
-    height, width, channels = values.shape
-    pixels = values.astype(f"{byte_order}u2").tobytes()
-    bits = struct.pack(f"{byte_order}{channels}H", *([16] * channels))
-    data_offset = 8
-    bits_offset = data_offset + len(pixels)
-    ifd_offset = bits_offset + len(bits)
+def tiff16(
+    values: np.ndarray, byte_order: str = "<", *, deflate: bool = False, planar: bool = False
+) -> bytes:
+    """Encode ``values`` (``[H, W, 3 or 4]``) as a 16-bit RGB(A) TIFF with one strip per plane.
 
-    # (tag, type, count, value): type 3 is SHORT, 4 is LONG.
+    ``deflate`` compresses the strips with zlib (compression 8); ``planar`` stores each channel
+    as its own plane (planar configuration 2) instead of interleaved samples.
+    """
+    height, width, channels = values.shape
+    typed = values.astype(f"{byte_order}u2")
+    planes = [typed[..., c] for c in range(channels)] if planar else [typed]
+    strips = [plane.tobytes() for plane in planes]
+    if deflate:
+        strips = [zlib.compress(strip) for strip in strips]
+
+    out = bytearray(b"II" if byte_order == "<" else b"MM")
+    out += struct.pack(f"{byte_order}HI", 42, 0)  # the IFD offset is patched below
+    strip_offsets = []
+    for strip in strips:
+        strip_offsets.append(len(out))
+        out += strip
+
+    def array(kind: int, items: list[int]) -> int:
+        offset = len(out)
+        out.extend(struct.pack(f"{byte_order}{len(items)}{'H' if kind == 3 else 'I'}", *items))
+        return offset
+
+    # (tag, type, values): type 3 is SHORT, 4 is LONG.
     entries = [
-        (256, 4, 1, width),
-        (257, 4, 1, height),
-        (258, 3, channels, bits_offset),
-        (259, 3, 1, 1),  # no compression
-        (262, 3, 1, 2),  # RGB
-        (273, 4, 1, data_offset),
-        (277, 3, 1, channels),
-        (278, 4, 1, height),
-        (279, 4, 1, len(pixels)),
-        (284, 3, 1, 1),  # chunky planar configuration
+        (256, 4, [width]),
+        (257, 4, [height]),
+        (258, 3, [16] * channels),
+        (259, 3, [8 if deflate else 1]),
+        (262, 3, [2]),  # RGB
+        (273, 4, strip_offsets),
+        (277, 3, [channels]),
+        (278, 4, [height]),
+        (279, 4, [len(strip) for strip in strips]),
+        (284, 3, [2 if planar else 1]),
     ]
     if channels == 4:
-        entries.append((338, 3, 1, 2))  # unassociated alpha
+        entries.append((338, 3, [2]))  # unassociated alpha
 
-    marker = b"II" if byte_order == "<" else b"MM"
-    out = bytearray(marker + struct.pack(f"{byte_order}HI", 42, ifd_offset) + pixels + bits)
-    out += struct.pack(f"{byte_order}H", len(entries))
-    for tag, kind, count, value in entries:
-        if kind == 3 and count == 1:
-            field = struct.pack(f"{byte_order}HH", value, 0)
+    fields = []
+    for tag, kind, items in entries:
+        size = 2 if kind == 3 else 4
+        if len(items) * size <= 4:
+            packed = struct.pack(f"{byte_order}{len(items)}{'H' if kind == 3 else 'I'}", *items)
+            fields.append((tag, kind, len(items), packed.ljust(4, b"\x00")))
         else:
-            field = struct.pack(f"{byte_order}I", value)
+            fields.append(
+                (tag, kind, len(items), struct.pack(f"{byte_order}I", array(kind, items)))
+            )
+    if len(out) % 2:
+        out += b"\x00"
+    struct.pack_into(f"{byte_order}I", out, 4, len(out))
+    out += struct.pack(f"{byte_order}H", len(fields))
+    for tag, kind, count, field in fields:
         out += struct.pack(f"{byte_order}HHI", tag, kind, count) + field
     out += struct.pack(f"{byte_order}I", 0)
     return bytes(out)

@@ -23,13 +23,14 @@ subclass) from its header, before any pixel is decoded, so a decompression bomb 
 memory.
 
 NOTE: if other code sets Pillow's ``ImageFile.LOAD_TRUNCATED_IMAGES``, truncated files decode
-with grey fill and are not detected. 16-bit colour samples in native byte order (raw mode
-suffix ``;16N``) keep Pillow's high-byte reduction; no common format writes them.
+with grey fill and are not detected. 16-bit colour TIFFs stored plane by plane (planar
+configuration 2) are rejected, because Pillow decodes them into wrong colours.
 """
 
 from __future__ import annotations
 
 import struct
+import sys
 import warnings
 import zlib
 from pathlib import Path
@@ -114,6 +115,7 @@ def load_rgb(path: str | Path, max_pixels: int | None = DEFAULT_MAX_PIXELS) -> I
     try:
         with image:
             image.seek(0)
+            _reject_wide_planar_tiff(path, image)
             # Checked before the EXIF read, which makes Pillow's PNG reader decode the pixels.
             if _has_wide_colour_samples(image):
                 rgb = _load_wide_colour(path, image)
@@ -157,7 +159,13 @@ def _open_checked(path: Path, max_pixels: int | None) -> Image.Image:
     return image
 
 
-_BYTE_ORDER_SWAP = {";16B": ";16L", ";16L": ";16B"}
+# Raw mode suffix of the high-byte decode -> suffix that yields the low bytes. Native order
+# (";16N", which Pillow uses for compressed TIFFs) is little-endian on common machines.
+_BYTE_ORDER_SWAP = {
+    ";16B": ";16L",
+    ";16L": ";16B",
+    ";16N": ";16B" if sys.byteorder == "little" else ";16L",
+}
 
 
 def _tile_rawmode(tile: tuple) -> str | None:
@@ -176,6 +184,24 @@ def _swap_byte_order(tile: tuple) -> tuple:
     swapped = rawmode[:-4] + _BYTE_ORDER_SWAP[rawmode[-4:]]
     args = swapped if isinstance(tile[3], str) else (swapped, *tile[3][1:])
     return type(tile)(*tile[:3], args) if hasattr(tile, "_fields") else (*tile[:3], args)
+
+
+_TIFF_BITS_PER_SAMPLE = 258
+_TIFF_PLANAR_CONFIGURATION = 284
+
+
+def _reject_wide_planar_tiff(path: Path, image: Image.Image) -> None:
+    tags = getattr(image, "tag_v2", None)
+    if image.format != "TIFF" or tags is None or tags.get(_TIFF_PLANAR_CONFIGURATION) != 2:
+        return
+    bits = tags.get(_TIFF_BITS_PER_SAMPLE, (8,))
+    bits = bits if isinstance(bits, tuple) else (bits,)
+    if max(bits) > 8 and image.mode in ("RGB", "RGBA"):
+        raise ImageDecodeError(
+            path,
+            f"{max(bits)}-bit colour TIFF stored plane by plane is not supported; convert it "
+            "to interleaved samples, e.g. `tiffcp -p contig in.tif out.tif`",
+        )
 
 
 def _has_wide_colour_samples(image: Image.Image) -> bool:

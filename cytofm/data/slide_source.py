@@ -21,6 +21,7 @@ import hashlib
 import json
 import logging
 import os
+import zipfile
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -100,11 +101,7 @@ class SlideTileTable:
         cache_path = None
         if cache_dir is not None:
             cache_path = Path(cache_dir) / f"slide-tiles-{self._index_key()}.npz"
-        if cache_path is not None and cache_path.is_file():
-            arrays = np.load(cache_path)
-            self.slide_ids, self.xs, self.ys = arrays["slide_ids"], arrays["xs"], arrays["ys"]
-            self.spans, self.levels = arrays["spans"], arrays["levels"]
-            self.level_downsamples = arrays["level_downsamples"]
+        if cache_path is not None and cache_path.is_file() and self._load_index(cache_path):
             logger.info("reused slide tile index %s: %d tiles", cache_path, len(self))
         else:
             self._build_index(on_bad_slide)
@@ -116,6 +113,26 @@ class SlideTileTable:
                 "check the skipped-files manifest, or raise max_glass_fraction if the tissue "
                 "is sparse"
             )
+
+    def _load_index(self, cache_path: Path) -> bool:
+        """Read a saved index; return False, with a warning, when the file is unreadable."""
+        try:
+            with np.load(cache_path) as arrays:
+                self.slide_ids, self.xs, self.ys = (
+                    arrays["slide_ids"],
+                    arrays["xs"],
+                    arrays["ys"],
+                )
+                self.spans, self.levels = arrays["spans"], arrays["levels"]
+                self.level_downsamples = arrays["level_downsamples"]
+        except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as error:
+            logger.warning(
+                "saved slide tile index %s is unreadable (%s); building it again",
+                cache_path,
+                error,
+            )
+            return False
+        return True
 
     def _index_key(self) -> str:
         stats = []
@@ -145,6 +162,10 @@ class SlideTileTable:
                 continue
             try:
                 plan = plan_level(slide, tiling.magnification, tiling.base_magnification)
+            except ValueError as error:  # a setting that does not fit the slide stops the run
+                slide.close()
+                raise ValueError(f"slide {path}: {error}") from error
+            try:
                 boxes = foreground_tile_boxes(
                     slide,
                     tiling.tile_size,

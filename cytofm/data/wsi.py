@@ -68,22 +68,31 @@ def open_slide(path: str | Path) -> Any:
     return openslide.OpenSlide(str(path))
 
 
+def _positive_number(text: str | None) -> float | None:
+    try:
+        value = float(text)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return None
+    return value if math.isfinite(value) and value > 0 else None
+
+
 def base_magnification(slide: SlideLike, default: float | None = None) -> float:
     """Return the objective magnification of level 0.
 
     Read from ``openslide.objective-power``; else inferred from ``openslide.mpp-x``
-    (0.25 um/px taken as 40x); else ``default``.
+    (0.25 um/px taken as 40x); else ``default``. A value that is not a positive number counts
+    as missing.
 
     Raises:
         ValueError: The slide records neither and no ``default`` is given.
     """
     properties = slide.properties
-    power = properties.get("openslide.objective-power")
-    if power not in (None, ""):
-        return float(power)
-    microns = properties.get("openslide.mpp-x")
-    if microns not in (None, ""):
-        return 40.0 * MICRONS_PER_PIXEL_AT_40X / float(microns)
+    power = _positive_number(properties.get("openslide.objective-power"))
+    if power is not None:
+        return power
+    microns = _positive_number(properties.get("openslide.mpp-x"))
+    if microns is not None:
+        return 40.0 * MICRONS_PER_PIXEL_AT_40X / microns
     if default is not None:
         return float(default)
     raise ValueError(
@@ -115,13 +124,17 @@ def plan_level(
     """Choose the pyramid level and the residual resize for ``magnification``.
 
     ``magnification=None`` reads level 0 at full resolution and needs no base magnification.
+    ``base`` is the level-0 magnification used only when the slide records neither objective
+    power nor microns per pixel (see ``base_magnification``); the same holds for the ``base``
+    argument of the other functions here.
 
     Raises:
-        ValueError: ``magnification`` exceeds the slide's base magnification.
+        ValueError: ``magnification`` exceeds the slide's base magnification, or the slide
+            records no magnification and ``base`` is None.
     """
     if magnification is None:
         return LevelPlan(0, 1.0, float(slide.level_downsamples[0]), 1.0)
-    base = base_magnification(slide) if base is None else base
+    base = base_magnification(slide, default=base)
     if magnification <= 0:
         raise ValueError(f"magnification must be positive, got {magnification}")
     downsample = base / magnification

@@ -14,6 +14,8 @@ has no rows (possible for masked patch tokens).
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.distributed as dist
 
@@ -43,18 +45,29 @@ def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3
         raise ValueError(f"logits must be [N, K], got shape {tuple(logits.shape)}")
     if iterations < 1:
         raise ValueError(f"iterations must be at least 1, got {iterations}")
-    scaled = logits.detach().float() / temperature
-    num_prototypes = scaled.shape[1]
-
-    # Subtracting the global maximum keeps exp() finite and cancels in the normalisation.
-    local_max = scaled.max() if scaled.numel() else scaled.new_tensor(float("-inf"))
-    global_max = _all_reduce(local_max.reshape(1).clone(), dist.ReduceOp.MAX)
-    weights = torch.exp(scaled - global_max).t()  # [K, N]
-    total_rows = _all_reduce(scaled.new_tensor([float(scaled.shape[0])])).clamp(min=1.0)
-
-    weights /= _all_reduce(weights.sum().reshape(1)).clamp(min=1e-30)
+    # The normalisations run on logarithms: in the linear domain exp() of a large logit range
+    # underflows whole rows to zero, and those images would silently drop out of the loss.
+    log_weights = logits.detach().float() / temperature
+    num_prototypes = log_weights.shape[1]
+    total_rows = _all_reduce(log_weights.new_tensor([float(log_weights.shape[0])]))
+    log_total_rows = torch.log(total_rows.clamp(min=1.0))
+    log_prototypes = math.log(num_prototypes)
     for _ in range(iterations):
-        prototype_sums = _all_reduce(weights.sum(dim=1, keepdim=True))
-        weights /= prototype_sums.clamp(min=1e-30) * num_prototypes
-        weights /= weights.sum(dim=0, keepdim=True).clamp(min=1e-30) * total_rows
-    return (weights * total_rows).t()
+        log_weights = log_weights - (_global_logsumexp_over_rows(log_weights) + log_prototypes)
+        log_weights = log_weights - (
+            torch.logsumexp(log_weights, dim=1, keepdim=True) + log_total_rows
+        )
+    return torch.exp(log_weights + log_total_rows)
+
+
+def _global_logsumexp_over_rows(log_weights: torch.Tensor) -> torch.Tensor:
+    """Return ``[1, K]``: the log of each prototype's summed weight over the rows of all ranks."""
+    if log_weights.shape[0]:
+        local_max = log_weights.max(dim=0, keepdim=True).values
+    else:
+        local_max = log_weights.new_full((1, log_weights.shape[1]), float("-inf"))
+    global_max = _all_reduce(local_max.clone(), dist.ReduceOp.MAX)
+    # The maxima are -inf only when no rank has a row; zero keeps the arithmetic finite then.
+    global_max = torch.where(torch.isfinite(global_max), global_max, torch.zeros_like(global_max))
+    sums = _all_reduce(torch.exp(log_weights - global_max).sum(dim=0, keepdim=True))
+    return global_max + torch.log(sums.clamp(min=1e-30))
