@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import logging
 
+import pytest
+import torch
+
 from cytofm.pretrain.checkpoint import (
     REQUIRED_KEYS,
+    UnreadableCheckpointsError,
     checkpoint_path,
     list_checkpoints,
     load_latest_checkpoint,
@@ -46,7 +50,8 @@ def test_unreadable_checkpoints_set_aside(tmp_path, caplog):
     empty.write_bytes(b"")
 
     with caplog.at_level(logging.WARNING, logger="cytofm.pretrain.checkpoint"):
-        state = load_latest_checkpoint(tmp_path, set_aside_unreadable=True)
+        path, state = load_latest_checkpoint(tmp_path, set_aside_unreadable=True)
+    assert path == good
     assert state["step"] == 18
     assert _steps(tmp_path) == [18]
     folder = tmp_path / "checkpoints"
@@ -55,22 +60,66 @@ def test_unreadable_checkpoints_set_aside(tmp_path, caplog):
     assert not truncated.exists()
     assert not empty.exists()
     assert "checkpoint-000000100.pt: empty file (0 bytes)" in caplog.text
-    assert "checkpoint-000000099.pt: PytorchStreamReader failed" in caplog.text
+    assert "checkpoint-000000099.pt: truncated or corrupt file (200 bytes" in caplog.text
 
 
 def test_set_aside_never_overwrites(tmp_path):
+    save_checkpoint(_state(3), tmp_path, keep_last=5)
     folder = tmp_path / "checkpoints"
-    folder.mkdir()
     (folder / "checkpoint-000000007.pt.unreadable").write_bytes(b"first")
     checkpoint_path(tmp_path, 7).write_bytes(b"second")
 
-    assert load_latest_checkpoint(tmp_path, set_aside_unreadable=True) is None
+    path, _ = load_latest_checkpoint(tmp_path, set_aside_unreadable=True)
+    assert path == checkpoint_path(tmp_path, 3)
     assert (folder / "checkpoint-000000007.pt.unreadable").read_bytes() == b"first"
-    assert (folder / "checkpoint-000000007.pt-2.unreadable").read_bytes() == b"second"
+    # The number goes before the suffixes, so every set-aside name ends in .unreadable.
+    assert (folder / "checkpoint-000000007-2.pt.unreadable").read_bytes() == b"second"
 
 
 def test_unreadable_left_in_place_by_default(tmp_path):
-    checkpoint_path(tmp_path, 5).parent.mkdir()
+    save_checkpoint(_state(3), tmp_path, keep_last=5)
     checkpoint_path(tmp_path, 5).write_bytes(b"")
+    path, _ = load_latest_checkpoint(tmp_path)
+    assert path == checkpoint_path(tmp_path, 3)
+    assert _steps(tmp_path) == [3, 5]
+
+
+def test_all_unreadable_raises_renames_nothing(tmp_path):
+    good = save_checkpoint(_state(196), tmp_path, keep_last=5)
+    data = good.read_bytes()
+    good.write_bytes(data[: len(data) // 2])
+    checkpoint_path(tmp_path, 198).write_bytes(b"")
+    before = sorted(path.name for path in (tmp_path / "checkpoints").iterdir())
+
+    with pytest.raises(UnreadableCheckpointsError) as error:
+        load_latest_checkpoint(tmp_path, set_aside_unreadable=True)
+    message = str(error.value)
+    assert "none of the 2 checkpoint(s)" in message
+    assert "checkpoint-000000198.pt: empty file (0 bytes)" in message
+    assert f"checkpoint-000000196.pt: truncated or corrupt file ({len(data) // 2} bytes" in message
+    assert "Nothing was renamed or deleted" in message
+    assert f"move these files out of {tmp_path / 'checkpoints'}" in message
+    assert sorted(path.name for path in (tmp_path / "checkpoints").iterdir()) == before
+
+
+@pytest.mark.parametrize("kept_fraction", [0.1, 0.5])
+def test_truncated_reason_names_truncation(tmp_path, kept_fraction):
+    # torch raises OSError "[Errno 22] Invalid argument" for some cut points and
+    # RuntimeError "PytorchStreamReader failed ..." for others.
+    state = _state(12)
+    state["student"] = {"weight": torch.arange(100_000, dtype=torch.float32)}
+    path = save_checkpoint(state, tmp_path, keep_last=5)
+    data = path.read_bytes()
+    kept = int(len(data) * kept_fraction)
+    path.write_bytes(data[:kept])
+
+    with pytest.raises(UnreadableCheckpointsError) as error:
+        load_latest_checkpoint(tmp_path)
+    assert f"checkpoint-000000012.pt: truncated or corrupt file ({kept} bytes" in str(error.value)
+
+
+def test_no_checkpoints_returns_none(tmp_path):
     assert load_latest_checkpoint(tmp_path) is None
-    assert _steps(tmp_path) == [5]
+    (tmp_path / "checkpoints").mkdir()
+    (tmp_path / "checkpoints" / "checkpoint-000000004.pt.unreadable").write_bytes(b"")
+    assert load_latest_checkpoint(tmp_path) is None

@@ -87,6 +87,28 @@ def test_resume_past_corrupt_newest_checkpoints(images, tmp_path):
     assert (folder / "checkpoint-000000100.pt.unreadable").is_file()
 
 
+def test_cli_all_checkpoints_unreadable(images, tmp_path, capsys):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("{}\n")
+    output_dir = tmp_path / "run"
+    overrides = tiny_overrides(images, output_dir, **{"run.max_steps": 2})
+    assert pretrain_cli.main(["--config", str(config_file), *overrides]) == 0
+    folder = output_dir / "checkpoints"
+    for path in folder.iterdir():
+        path.write_bytes(path.read_bytes()[:1000])
+    names = sorted(path.name for path in folder.iterdir())
+    capsys.readouterr()
+
+    status = pretrain_cli.main(["--config", str(config_file), *overrides])
+    assert status == 2
+    errors = capsys.readouterr().err
+    assert f"none of the 1 checkpoint(s) in {folder} loads" in errors
+    assert "checkpoint-000000002.pt: truncated or corrupt file (1000 bytes" in errors
+    assert "Traceback" not in errors
+    assert "starting from step 0" not in errors
+    assert sorted(path.name for path in folder.iterdir()) == names
+
+
 def test_checkpoint_layout_weights_only(images, tmp_path):
     trainer, result = run_tiny(
         images,

@@ -15,6 +15,13 @@ def test_unused_path_numbers_taken_names(tmp_path):
     assert unused_path(path) == tmp_path / "config.before-step5-3.yaml"
 
 
+def test_unused_path_keeps_double_suffix(tmp_path):
+    path = tmp_path / "checkpoint-000000196.pt.unreadable"
+    path.write_bytes(b"")
+    expected = tmp_path / "checkpoint-000000196-2.pt.unreadable"
+    assert unused_path(path, suffix=".pt.unreadable") == expected
+
+
 def test_same_config_not_rewritten(tmp_path):
     config = load_pretrain_config(None, ["optim.lr=0.001"])
     save_resolved_config(config, tmp_path, step=0)

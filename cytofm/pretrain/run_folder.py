@@ -15,16 +15,26 @@ logger = logging.getLogger(__name__)
 CONFIG_NAME = "config.yaml"
 
 
-def unused_path(path: Path) -> Path:
+def unused_path(path: Path, suffix: str | None = None) -> Path:
     """Return ``path`` if nothing exists there, else the first free ``<stem>-2<suffix>``, ...
 
     Only one process may write into a run folder (see ``cytofm.pretrain.run_lock``), so the
     returned name is still free when the caller writes it.
+
+    Args:
+        path: Preferred path.
+        suffix: End of the name that the number goes before, for names with several
+            suffixes such as ``.pt.unreadable``; defaults to the last suffix of ``path``.
     """
+    if suffix is None:
+        suffix = path.suffix
+    if not path.name.endswith(suffix):
+        raise ValueError(f"{path.name} does not end with {suffix}")
+    stem = path.name[: len(path.name) - len(suffix)]
     candidate = path
     number = 2
     while candidate.exists() or candidate.is_symlink():
-        candidate = path.with_name(f"{path.stem}-{number}{path.suffix}")
+        candidate = path.with_name(f"{stem}-{number}{suffix}")
         number += 1
     return candidate
 

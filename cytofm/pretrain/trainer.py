@@ -301,10 +301,11 @@ class PretrainTrainer:
         return module
 
     def _resume(self) -> None:
-        state = load_latest_checkpoint(self.output_dir, set_aside_unreadable=self.context.is_main)
-        if state is None:
+        found = load_latest_checkpoint(self.output_dir, set_aside_unreadable=self.context.is_main)
+        if found is None:
             logger.info("no checkpoint in %s: starting from step 0", self.output_dir)
             return
+        _, state = found
         saved_batch = state["data"].get("global_batch_size")
         if saved_batch is not None and saved_batch != self.global_batch_size:
             raise ValueError(
