@@ -9,7 +9,9 @@ import torch
 
 from cytofm.pretrain.checkpoint import (
     REQUIRED_KEYS,
+    CheckpointMismatchError,
     UnreadableCheckpointsError,
+    check_checkpoint_fits,
     checkpoint_path,
     list_checkpoints,
     load_latest_checkpoint,
@@ -123,3 +125,68 @@ def test_no_checkpoints_returns_none(tmp_path):
     (tmp_path / "checkpoints").mkdir()
     (tmp_path / "checkpoints" / "checkpoint-000000004.pt.unreadable").write_bytes(b"")
     assert load_latest_checkpoint(tmp_path) is None
+
+
+_BACKBONE = {
+    "arch": "vit_small",
+    "patch_size": 16,
+    "img_size": 224,
+    "embed_dim": 384,
+    "depth": 12,
+    "num_heads": 6,
+    "init_values": None,
+    "reg_tokens": 0,
+    "mlp_ratio": 4.0,
+    "qkv_bias": True,
+    "qk_norm": False,
+}
+_HEAD = {
+    "out_dim": 8192,
+    "patch_out_dim": 8192,
+    "shared": True,
+    "hidden_dim": 2048,
+    "bottleneck_dim": 256,
+    "num_layers": 3,
+    "norm_last_layer": True,
+}
+
+
+def _saved(**model: object) -> dict:
+    return {"model": {**_BACKBONE, **model}, "config": {"head": dict(_HEAD)}}
+
+
+def test_fit_check_accepts_same_model(tmp_path):
+    # A tuple and a list of the same sizes, and another layer-scale value, still fit.
+    saved = _saved(img_size=[224, 224])
+    check_checkpoint_fits(tmp_path / "c.pt", saved, {**_BACKBONE, "img_size": (224, 224)}, _HEAD)
+    saved = _saved(init_values=1e-5)
+    check_checkpoint_fits(tmp_path / "c.pt", saved, {**_BACKBONE, "init_values": 0.1}, _HEAD)
+
+
+def test_fit_check_names_width_and_depth(tmp_path):
+    current = {**_BACKBONE, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    with pytest.raises(CheckpointMismatchError) as error:
+        check_checkpoint_fits(tmp_path / "c.pt", _saved(), current, _HEAD)
+    message = str(error.value)
+    assert f"the checkpoint {tmp_path / 'c.pt'} was written by a model with" in message
+    assert "model.embed_dim=384, model.depth=12, model.num_heads=6" in message
+    assert "the config asks for model.embed_dim=32, model.depth=2, model.num_heads=2" in message
+    assert "Use another run.output_dir" in message
+    assert "(model.embed_dim=384 model.depth=12 model.num_heads=6)" in message
+
+
+def test_fit_check_names_arch_and_layer_scale(tmp_path):
+    current = {**_BACKBONE, "arch": "vit_base", "embed_dim": 768, "init_values": 1e-5}
+    with pytest.raises(CheckpointMismatchError) as error:
+        check_checkpoint_fits(tmp_path / "c.pt", _saved(), current, _HEAD)
+    message = str(error.value)
+    assert 'model.arch="vit_small", model.embed_dim=384, model.init_values=null' in message
+    assert 'asks for model.arch="vit_base", model.embed_dim=768, model.init_values=1e-05' in message
+
+
+def test_fit_check_names_head_setting(tmp_path):
+    with pytest.raises(CheckpointMismatchError) as error:
+        check_checkpoint_fits(tmp_path / "c.pt", _saved(), _BACKBONE, {**_HEAD, "out_dim": 4096})
+    message = str(error.value)
+    assert "written by a model with head.out_dim=8192" in message
+    assert "asks for head.out_dim=4096" in message

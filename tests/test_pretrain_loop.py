@@ -109,6 +109,24 @@ def test_cli_all_checkpoints_unreadable(images, tmp_path, capsys):
     assert sorted(path.name for path in folder.iterdir()) == names
 
 
+def test_cli_resume_other_width_named(images, tmp_path, capsys):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("{}\n")
+    output_dir = tmp_path / "run"
+    overrides = tiny_overrides(images, output_dir, **{"run.max_steps": 1})
+    assert pretrain_cli.main(["--config", str(config_file), *overrides]) == 0
+    capsys.readouterr()
+
+    wider = tiny_overrides(images, output_dir, **{"run.max_steps": 2, "model.embed_dim": 64})
+    assert pretrain_cli.main(["--config", str(config_file), *wider]) == 2
+    errors = capsys.readouterr().err
+    checkpoint = output_dir / "checkpoints" / "checkpoint-000000001.pt"
+    assert f"the checkpoint {checkpoint} was written by a model with model.embed_dim=32" in errors
+    assert "the config asks for model.embed_dim=64" in errors
+    assert "Use another run.output_dir" in errors
+    assert "Traceback" not in errors
+
+
 def test_checkpoint_layout_weights_only(images, tmp_path):
     trainer, result = run_tiny(
         images,

@@ -124,18 +124,9 @@ def _train(config: PretrainConfig, context: DistributedContext) -> int:
         try:
             trainer = PretrainTrainer(config, context)
         except (ValueError, FileNotFoundError) as error:
-            # Missing image folders, empty sources or a checkpoint that does not fit the config.
+            # Missing image folders, empty sources, no checkpoint that loads, or a checkpoint
+            # of another model (CheckpointMismatchError).
             logger.error("cannot start the run: %s", error)
-            return 2
-        except RuntimeError as error:
-            # load_state_dict raises RuntimeError when the model section changed since the
-            # checkpoint was written.
-            logger.error(
-                "cannot resume from %s: the checkpoint does not fit the config (%s). Use a new "
-                "run.output_dir or the model settings the run started with",
-                config.run.output_dir,
-                str(error).splitlines()[0],
-            )
             return 2
         result = trainer.train()
     except NonFiniteLossError as error:

@@ -1,4 +1,4 @@
-"""Pretraining checkpoints: atomic writes, rotation, discovery and RNG state as plain data.
+"""Pretraining checkpoints: atomic writes, rotation, discovery, fit checks and RNG state.
 
 Every checkpoint is a dict of tensors, numbers, strings, lists and dicts only, so
 ``torch.load(path, weights_only=True)`` reads it and no class from this package is needed
@@ -15,6 +15,7 @@ to open it. Layout (version 1)::
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 import re
@@ -245,6 +246,80 @@ def _first_sentence(error: BaseException) -> str:
         return type(error).__name__
     # torch's message for a truncated file adds several sentences of advice after the first.
     return lines[0].split(". ")[0]
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint to resume from was written by a model of another shape."""
+
+
+# Backbone arguments whose change alters the weights' shapes or meaning, with their config key.
+_BACKBONE_KEYS = {
+    "embed_dim": "model.embed_dim",
+    "depth": "model.depth",
+    "num_heads": "model.num_heads",
+    "patch_size": "model.patch_size",
+    "img_size": "model.img_size",
+    "reg_tokens": "model.reg_tokens",
+    "mlp_ratio": None,
+    "qkv_bias": None,
+    "qk_norm": None,
+}
+# Head settings that alter the shapes of the head weights or of the loss centres.
+_HEAD_KEYS = ("out_dim", "patch_out_dim", "shared", "hidden_dim", "bottleneck_dim", "num_layers")
+
+
+def check_checkpoint_fits(
+    path: Path, state: dict[str, Any], backbone: dict[str, Any], head: dict[str, Any]
+) -> None:
+    """Check that a checkpoint was written by the model that the config builds.
+
+    Args:
+        path: Checkpoint file, named in the error.
+        state: Loaded checkpoint.
+        backbone: ``backbone_arguments`` of the model built from the config.
+        head: Head section of the config as a dict.
+
+    Raises:
+        CheckpointMismatchError: a backbone argument (from the checkpoint's ``model`` entry)
+            or a head setting (from its ``config`` entry) differs.
+    """
+    saved_model = state.get("model") or {}
+    differences = []
+    for key, config_key in _BACKBONE_KEYS.items():
+        if key not in saved_model:
+            continue
+        saved, current = _plain(saved_model[key]), _plain(backbone[key])
+        if saved != current:
+            differences.append((config_key or f"{key} (set by the architecture)", saved, current))
+    saved_init = saved_model.get("init_values")
+    if "init_values" in saved_model and (saved_init is None) != (backbone["init_values"] is None):
+        # Layer scale adds parameters; any value other than null has the same shapes.
+        differences.append(("model.init_values", saved_init, backbone["init_values"]))
+    saved_head = (state.get("config") or {}).get("head") or {}
+    for key in _HEAD_KEYS:
+        if key in saved_head and saved_head[key] != head[key]:
+            differences.append((f"head.{key}", saved_head[key], head[key]))
+    if not differences:
+        return
+    if saved_model.get("arch", backbone["arch"]) != backbone["arch"]:
+        differences.insert(0, ("model.arch", saved_model["arch"], backbone["arch"]))
+    saved_text = ", ".join(f"{key}={json.dumps(saved)}" for key, saved, _ in differences)
+    current_text = ", ".join(f"{key}={json.dumps(current)}" for key, _, current in differences)
+    overrides = " ".join(
+        f"{key}={json.dumps(saved)}"
+        for key, saved, _ in differences
+        if not key.endswith("architecture)")
+    )
+    raise CheckpointMismatchError(
+        f"the checkpoint {path} was written by a model with {saved_text}, while the config "
+        f"asks for {current_text}. Use another run.output_dir for the new model, or resume "
+        f"with the old settings ({overrides or 'the model.arch the run started with'})"
+    )
+
+
+def _plain(value: Any) -> Any:
+    """Turn tuples into lists, so values compare equal whichever way they were stored."""
+    return list(value) if isinstance(value, tuple) else value
 
 
 def capture_rng_state() -> dict[str, Any]:
