@@ -461,6 +461,7 @@ def test_sigint_saves_checkpoint_and_stops(images, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="cytofm.pretrain"):
         result = trainer.train()
     assert result.step == 2
+    assert result.stop_signal == signal.SIGINT
     assert [step for step, _ in list_checkpoints(output_dir)] == [2]
     assert "Press Ctrl-C again to stop at once" in caplog.text
     assert "received SIGINT: saved a checkpoint at step 2 and stopped" in caplog.text
@@ -496,6 +497,34 @@ def test_cli_second_sigint_exits_130(images, tmp_path, capsys, monkeypatch):
     assert "interrupted without saving. Run the same command again" in errors
     assert "Traceback" not in errors
     assert not (tmp_path / "run" / "run.lock").exists()
+
+
+@pytest.mark.parametrize(
+    ("signal_number", "expected_status"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 0), (signal.SIGUSR1, 0)],
+)
+def test_cli_stop_signal_exit_status(
+    images, tmp_path, capsys, monkeypatch, signal_number, expected_status
+):
+    healthy_step = PretrainTrainer.train_step
+
+    def step_then_signal(self, *args, **kwargs):
+        result = healthy_step(self, *args, **kwargs)
+        os.kill(os.getpid(), signal_number)
+        return result
+
+    monkeypatch.setattr(PretrainTrainer, "train_step", step_then_signal)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("run:\n  max_steps: 3\n")
+    output_dir = tmp_path / "run"
+
+    status = pretrain_cli.main(["--config", str(config_file), *tiny_overrides(images, output_dir)])
+    assert status == expected_status
+    assert [step for step, _ in list_checkpoints(output_dir)] == [1]
+    errors = capsys.readouterr().err
+    name = signal.Signals(signal_number).name
+    assert f"stopped by {name} at step 1 before the end of the run: exit status" in errors
+    assert "done: step" not in errors
 
 
 class _InterruptOwnProcess(torch.utils.data.Dataset):

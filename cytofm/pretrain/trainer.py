@@ -81,12 +81,15 @@ class TrainResult:
         epoch: Epoch the next step belongs to.
         losses: Loss terms of the last step (mean over ranks), empty if no step ran.
         checkpoint: Path of the last checkpoint written by this process, if any.
+        stop_signal: Number of the signal that stopped the run before its last step (after
+            a checkpoint), or None if it ran to the end.
     """
 
     step: int
     epoch: int
     losses: dict[str, float]
     checkpoint: Path | None
+    stop_signal: int | None = None
 
 
 def derive_seed(*values: int) -> int:
@@ -643,4 +646,5 @@ class PretrainTrainer:
             progress.close()
             self.metrics.close()
         logger.info("stopped at step %d (epoch %d)", self.step, self.epoch)
-        return TrainResult(self.step, self.epoch, losses, self.last_checkpoint)
+        stop_signal = self.stop_signals.received if self.step < stop else None
+        return TrainResult(self.step, self.epoch, losses, self.last_checkpoint, stop_signal)
