@@ -42,10 +42,9 @@ def unused_path(path: Path, suffix: str | None = None) -> Path:
 def save_resolved_config(config: Any, output_dir: Path, step: int) -> Path | None:
     """Write ``config.yaml`` unless it already contains the same config.
 
-    When the run folder has a ``config.yaml`` with other values (a resume with changed
-    settings) or one that is not valid YAML, the earlier file is renamed to
-    ``config.before-step<step>.yaml`` first, with a number added if that name is taken, and
-    the changed keys or the YAML error are logged.
+    A ``config.yaml`` with other values (a resume with changed settings) or one that is not
+    valid YAML is first renamed to ``config.before-step<step>.yaml``, with a number added if
+    that name is taken. The changed keys or the YAML error are logged.
 
     Args:
         config: Resolved config dataclass.
