@@ -87,3 +87,38 @@ def test_student_temp_not_positive(value):
 def test_teacher_temp_not_positive():
     with pytest.raises(ConfigError, match="schedule.teacher_temp must be positive, got 0.0"):
         _load("schedule.teacher_temp=0")
+
+
+def _sources(source: str) -> str:
+    return f"data.sources=[{{path: /data/x, {source}}}]"
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("magnification", 0), ("magnification", -20), ("base_magnification", -40)],
+)
+def test_slide_magnification_not_positive(key, value):
+    with pytest.raises(ConfigError) as error:
+        _load(_sources(f"kind: slides, {key}: {value}"))
+    message = str(error.value)
+    assert f"data.sources[0].{key} must be positive or null" in message
+    assert f"got {value}" in message
+
+
+def test_slide_magnifications_valid():
+    config = _load(_sources("kind: slides, magnification: 20, base_magnification: 40"))
+    assert config.data.sources[0].magnification == 20
+    assert config.data.sources[0].base_magnification == 40
+
+
+@pytest.mark.parametrize(
+    ("key", "value"),
+    [("magnification", 20), ("base_magnification", 40), ("max_glass_fraction", 0.5)],
+)
+def test_slide_keys_on_image_source(key, value):
+    with pytest.raises(ConfigError) as error:
+        _load(_sources(f"{key}: {value}"))
+    message = str(error.value)
+    assert f"data.sources[0].{key} is set to {value}" in message
+    assert "applies to slide sources only" in message
+    assert "kind: images" in message

@@ -87,6 +87,46 @@ def test_resume_past_corrupt_newest_checkpoints(images, tmp_path):
     assert (folder / "checkpoint-000000100.pt.unreadable").is_file()
 
 
+def test_cli_all_checkpoints_unreadable(images, tmp_path, capsys):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("{}\n")
+    output_dir = tmp_path / "run"
+    overrides = tiny_overrides(images, output_dir, **{"run.max_steps": 2})
+    assert pretrain_cli.main(["--config", str(config_file), *overrides]) == 0
+    folder = output_dir / "checkpoints"
+    for path in folder.iterdir():
+        path.write_bytes(path.read_bytes()[:1000])
+    names = sorted(path.name for path in folder.iterdir())
+    capsys.readouterr()
+
+    status = pretrain_cli.main(["--config", str(config_file), *overrides])
+    assert status == 2
+    errors = capsys.readouterr().err
+    assert f"none of the 1 checkpoint(s) in {folder} loads" in errors
+    assert "checkpoint-000000002.pt: truncated or corrupt file (1000 bytes" in errors
+    assert "Traceback" not in errors
+    assert "starting from step 0" not in errors
+    assert sorted(path.name for path in folder.iterdir()) == names
+
+
+def test_cli_resume_other_width_named(images, tmp_path, capsys):
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("{}\n")
+    output_dir = tmp_path / "run"
+    overrides = tiny_overrides(images, output_dir, **{"run.max_steps": 1})
+    assert pretrain_cli.main(["--config", str(config_file), *overrides]) == 0
+    capsys.readouterr()
+
+    wider = tiny_overrides(images, output_dir, **{"run.max_steps": 2, "model.embed_dim": 64})
+    assert pretrain_cli.main(["--config", str(config_file), *wider]) == 2
+    errors = capsys.readouterr().err
+    checkpoint = output_dir / "checkpoints" / "checkpoint-000000001.pt"
+    assert f"the checkpoint {checkpoint} was written by a model with model.embed_dim=32" in errors
+    assert "the config asks for model.embed_dim=64" in errors
+    assert "Use another run.output_dir" in errors
+    assert "Traceback" not in errors
+
+
 def test_checkpoint_layout_weights_only(images, tmp_path):
     trainer, result = run_tiny(
         images,
@@ -421,6 +461,7 @@ def test_sigint_saves_checkpoint_and_stops(images, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="cytofm.pretrain"):
         result = trainer.train()
     assert result.step == 2
+    assert result.stop_signal == signal.SIGINT
     assert [step for step, _ in list_checkpoints(output_dir)] == [2]
     assert "Press Ctrl-C again to stop at once" in caplog.text
     assert "received SIGINT: saved a checkpoint at step 2 and stopped" in caplog.text
@@ -456,6 +497,34 @@ def test_cli_second_sigint_exits_130(images, tmp_path, capsys, monkeypatch):
     assert "interrupted without saving. Run the same command again" in errors
     assert "Traceback" not in errors
     assert not (tmp_path / "run" / "run.lock").exists()
+
+
+@pytest.mark.parametrize(
+    ("signal_number", "expected_status"),
+    [(signal.SIGINT, 130), (signal.SIGTERM, 0), (signal.SIGUSR1, 0)],
+)
+def test_cli_stop_signal_exit_status(
+    images, tmp_path, capsys, monkeypatch, signal_number, expected_status
+):
+    healthy_step = PretrainTrainer.train_step
+
+    def step_then_signal(self, *args, **kwargs):
+        result = healthy_step(self, *args, **kwargs)
+        os.kill(os.getpid(), signal_number)
+        return result
+
+    monkeypatch.setattr(PretrainTrainer, "train_step", step_then_signal)
+    config_file = tmp_path / "tiny.yaml"
+    config_file.write_text("run:\n  max_steps: 3\n")
+    output_dir = tmp_path / "run"
+
+    status = pretrain_cli.main(["--config", str(config_file), *tiny_overrides(images, output_dir)])
+    assert status == expected_status
+    assert [step for step, _ in list_checkpoints(output_dir)] == [1]
+    errors = capsys.readouterr().err
+    name = signal.Signals(signal_number).name
+    assert f"stopped by {name} at step 1 before the end of the run: exit status" in errors
+    assert "done: step" not in errors
 
 
 class _InterruptOwnProcess(torch.utils.data.Dataset):

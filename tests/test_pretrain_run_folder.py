@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from cytofm.pretrain.config import load_pretrain_config
 from cytofm.pretrain.run_folder import save_resolved_config, unused_path
 
@@ -13,6 +15,27 @@ def test_unused_path_numbers_taken_names(tmp_path):
     assert unused_path(path) == tmp_path / "config.before-step5-2.yaml"
     (tmp_path / "config.before-step5-2.yaml").write_text("b")
     assert unused_path(path) == tmp_path / "config.before-step5-3.yaml"
+
+
+def test_unused_path_keeps_double_suffix(tmp_path):
+    path = tmp_path / "checkpoint-000000196.pt.unreadable"
+    path.write_bytes(b"")
+    expected = tmp_path / "checkpoint-000000196-2.pt.unreadable"
+    assert unused_path(path, suffix=".pt.unreadable") == expected
+
+
+def test_invalid_yaml_config_kept_aside(tmp_path, caplog):
+    broken = "run:\n  output_dir: [runs/x\n"
+    (tmp_path / "config.yaml").write_text(broken)
+    config = load_pretrain_config(None, ["optim.lr=0.001"])
+
+    with caplog.at_level(logging.WARNING, logger="cytofm.pretrain.run_folder"):
+        backup = save_resolved_config(config, tmp_path, step=7)
+    assert backup == tmp_path / "config.before-step7.yaml"
+    assert backup.read_text() == broken
+    assert load_pretrain_config(tmp_path / "config.yaml").optim.lr == 0.001
+    assert f"{tmp_path / 'config.yaml'} is not valid YAML" in caplog.text
+    assert "kept it as config.before-step7.yaml" in caplog.text
 
 
 def test_same_config_not_rewritten(tmp_path):

@@ -124,18 +124,9 @@ def _train(config: PretrainConfig, context: DistributedContext) -> int:
         try:
             trainer = PretrainTrainer(config, context)
         except (ValueError, FileNotFoundError) as error:
-            # Missing image folders, empty sources or a checkpoint that does not fit the config.
+            # Missing image folders, empty sources, no checkpoint that loads, or a checkpoint
+            # of another model (CheckpointMismatchError).
             logger.error("cannot start the run: %s", error)
-            return 2
-        except RuntimeError as error:
-            # load_state_dict raises RuntimeError when the model section changed since the
-            # checkpoint was written.
-            logger.error(
-                "cannot resume from %s: the checkpoint does not fit the config (%s). Use a new "
-                "run.output_dir or the model settings the run started with",
-                config.run.output_dir,
-                str(error).splitlines()[0],
-            )
             return 2
         result = trainer.train()
     except NonFiniteLossError as error:
@@ -158,6 +149,19 @@ def _train(config: PretrainConfig, context: DistributedContext) -> int:
             "reading or writing %s failed: %s", error.filename or "a file", error.strerror or error
         )
         return 1
+    if result.stop_signal is not None:
+        # 130 is the usual status of a program stopped by Ctrl-C, so `cytofm-pretrain ... &&
+        # next` does not go on with an unfinished run. SIGTERM and SIGUSR1 stops return 0,
+        # because a scheduler sends them to pause a run, and torchrun treats a non-zero status
+        # as a failed worker (and restarts the workers when --max-restarts allows it).
+        status = 130 if result.stop_signal == signal.SIGINT else 0
+        logger.info(
+            "stopped by %s at step %d before the end of the run: exit status %d",
+            signal.Signals(result.stop_signal).name,
+            result.step,
+            status,
+        )
+        return status
     if result.checkpoint is not None:
         logger.info("done: step %d, last checkpoint %s", result.step, result.checkpoint)
     else:

@@ -52,6 +52,10 @@ class SourceConfig:
     max_glass_fraction: float = 0.9
 
 
+# SourceConfig fields that only slide sources read.
+_SLIDE_ONLY_KEYS = ("magnification", "base_magnification", "max_glass_fraction")
+
+
 @dataclass
 class DataConfig:
     """Image sources and data loading."""
@@ -234,18 +238,35 @@ def validate(config: PretrainConfig) -> None:
             f"loss.sinkhorn_iterations must be at least 1, got {config.loss.sinkhorn_iterations}"
         )
     for index, source in enumerate(config.data.sources):
-        if source.weight <= 0:
-            raise ConfigError(f"data.sources[{index}].weight must be positive, got {source.weight}")
-        if not 0.0 <= source.max_glass_fraction <= 1.0:
-            raise ConfigError(
-                f"data.sources[{index}].max_glass_fraction must be in [0, 1], "
-                f"got {source.max_glass_fraction}"
-            )
-        if source.kind == "slides" and config.data.field_size is None:
-            raise ConfigError(
-                f"data.sources[{index}] reads slides, which are tiled at data.field_size: "
-                "set data.field_size (e.g. 512)"
-            )
+        _validate_source(source, f"data.sources[{index}]", config.data.field_size)
+
+
+def _validate_source(source: SourceConfig, key: str, field_size: int | None) -> None:
+    """Check one entry of ``data.sources``; ``key`` names it in errors."""
+    if source.weight <= 0:
+        raise ConfigError(f"{key}.weight must be positive, got {source.weight}")
+    for name in ("magnification", "base_magnification"):
+        value = getattr(source, name)
+        if value is not None and not value > 0:
+            raise ConfigError(f"{key}.{name} must be positive or null, got {value}")
+    if not 0.0 <= source.max_glass_fraction <= 1.0:
+        raise ConfigError(
+            f"{key}.max_glass_fraction must be in [0, 1], got {source.max_glass_fraction}"
+        )
+    if source.kind == "images":
+        defaults = SourceConfig()
+        for name in _SLIDE_ONLY_KEYS:
+            if getattr(source, name) != getattr(defaults, name):
+                raise ConfigError(
+                    f"{key}.{name} is set to {getattr(source, name)}, but it applies to slide "
+                    f"sources only and {key} has kind: images. Remove it, or set "
+                    f"{key}.kind to slides if the path lists whole-slide images"
+                )
+    if source.kind == "slides" and field_size is None:
+        raise ConfigError(
+            f"{key} reads slides, which are tiled at data.field_size: "
+            "set data.field_size (e.g. 512)"
+        )
 
 
 def _validate_model_shape(config: PretrainConfig) -> None:

@@ -29,7 +29,9 @@ from cytofm.config import to_dict
 from cytofm.pretrain.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    CheckpointMismatchError,
     capture_rng_state,
+    check_checkpoint_fits,
     list_checkpoints,
     load_latest_checkpoint,
     restore_rng_state,
@@ -79,12 +81,15 @@ class TrainResult:
         epoch: Epoch the next step belongs to.
         losses: Loss terms of the last step (mean over ranks), empty if no step ran.
         checkpoint: Path of the last checkpoint written by this process, if any.
+        stop_signal: Number of the signal that stopped the run before its last step (after
+            a checkpoint), or None if it ran to the end.
     """
 
     step: int
     epoch: int
     losses: dict[str, float]
     checkpoint: Path | None
+    stop_signal: int | None = None
 
 
 def derive_seed(*values: int) -> int:
@@ -196,6 +201,14 @@ def group_by_size(crops: list[torch.Tensor]) -> list[torch.Tensor]:
     return [torch.cat(group) for group in groups.values()]
 
 
+def _first_mismatch(error: RuntimeError) -> str:
+    """Return the first specific line of a ``load_state_dict`` error."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if len(lines) > 1:
+        return lines[1]
+    return lines[0] if lines else type(error).__name__
+
+
 class PretrainTrainer:
     """iBOT pretraining of a ViT student with an EMA teacher.
 
@@ -301,10 +314,17 @@ class PretrainTrainer:
         return module
 
     def _resume(self) -> None:
-        state = load_latest_checkpoint(self.output_dir, set_aside_unreadable=self.context.is_main)
-        if state is None:
+        found = load_latest_checkpoint(self.output_dir, set_aside_unreadable=self.context.is_main)
+        if found is None:
             logger.info("no checkpoint in %s: starting from step 0", self.output_dir)
             return
+        path, state = found
+        check_checkpoint_fits(
+            path,
+            state,
+            backbone_arguments(self.config.model, self.teacher.backbone),
+            to_dict(self.config.head),
+        )
         saved_batch = state["data"].get("global_batch_size")
         if saved_batch is not None and saved_batch != self.global_batch_size:
             raise ValueError(
@@ -330,10 +350,22 @@ class PretrainTrainer:
                 state["step"],
             )
 
-        self.student.backbone.load_state_dict(state["student"])
-        self.student.head.load_state_dict(state["student_head"])
-        self.teacher.backbone.load_state_dict(state["teacher"])
-        self.teacher.head.load_state_dict(state["teacher_head"])
+        parts = (
+            (self.student.backbone, "student"),
+            (self.student.head, "student_head"),
+            (self.teacher.backbone, "teacher"),
+            (self.teacher.head, "teacher_head"),
+        )
+        for module, key in parts:
+            try:
+                module.load_state_dict(state[key])
+            except RuntimeError as error:
+                # The checks above cover the config keys; this names any other difference.
+                raise CheckpointMismatchError(
+                    f"the {key!r} weights of {path} do not fit the model built from the "
+                    f"config: {_first_mismatch(error)}. Use another run.output_dir, or the "
+                    "model and head settings the run started with"
+                ) from error
         self.optimizer.load_state_dict(state["optimizer"])
         self.scaler.load_state_dict(state["scaler"])
         self.loss_fn.load_state_dict(state["loss"])
@@ -614,4 +646,5 @@ class PretrainTrainer:
             progress.close()
             self.metrics.close()
         logger.info("stopped at step %d (epoch %d)", self.step, self.epoch)
-        return TrainResult(self.step, self.epoch, losses, self.last_checkpoint)
+        stop_signal = self.stop_signals.received if self.step < stop else None
+        return TrainResult(self.step, self.epoch, losses, self.last_checkpoint, stop_signal)
