@@ -462,3 +462,88 @@ def test_cli_out_below_a_file_fails_cleanly(tmp_path, capsys):
         f"cytofm-eval-mil: cannot create output folder {blocker / 'x'}: {blocker} is a file, "
         "not a folder; choose another output path\n"
     )
+
+
+def _snapshot(folder):
+    """Map every file below ``folder`` to its bytes."""
+    return {
+        path.relative_to(folder): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_cli_rejects_out_holding_feature_set(tmp_path, capsys):
+    out = tmp_path / "ev2"
+    folder = write_feature_set(out / "cls", planted_signal_bags(8, seed=9))
+    (out / "results.json").write_text(json.dumps({"rows": [{"feature_set": "cls"}]}))
+    (out / "results.md").write_text("# old\n")
+    before = _snapshot(out)
+    sets = f"feature_sets=[{{name: cls, path: {folder}}}]"
+    for overwrite in ("overwrite=false", "overwrite=true"):
+        assert eval_mil_main([f"out={out}", *FAST, "folds=2", sets, overwrite]) == 1
+        message = capsys.readouterr().err
+        assert message.startswith(f"cytofm-eval-mil: out={out}: "), overwrite
+        assert f"feature set 'cls' ({folder})" in message
+        assert "Choose another out=" in message
+        assert _snapshot(out) == before, overwrite
+
+
+def test_cli_rejects_feature_set_below_eval_folder(tmp_path, capsys):
+    out = tmp_path / "eval"
+    folder = write_feature_set(out / "cls" / "features_v1", planted_signal_bags(8, seed=9))
+    sets = f"feature_sets=[{{name: cls, path: {folder}}}]"
+    assert eval_mil_main([f"out={out}", *FAST, "folds=2", sets, "overwrite=true"]) == 1
+    message = capsys.readouterr().err
+    assert f"writes or deletes {out / 'cls'}, which is or contains the feature set" in message
+    assert (folder / "meta.json").is_file()
+    assert not (out / "config.yaml").exists()
+
+
+def test_earlier_eval_folder_with_features_kept(tmp_path):
+    from cytofm.evaluation.run_folder import OutputConflictError, prepare_run_folder
+
+    out = tmp_path / "out"
+    _write_earlier_run(out)
+    nested = write_feature_set(out / "b" / "copy", planted_signal_bags(4, seed=9))
+    with pytest.raises(OutputConflictError) as raised:
+        prepare_run_folder(out, overwrite=True, names=["a"])
+    message = str(raised.value)
+    assert f"writes or deletes {out / 'b'}, which contains the feature folder {nested}" in message
+    assert "(meta.json and index.csv of cytofm-extract)" in message
+    assert (nested / "index.csv").is_file()
+    assert (out / "results.md").read_text() == "# old\n"
+
+
+def test_labels_table_below_eval_folder_rejected(tmp_path):
+    from cytofm.evaluation.run_folder import OutputConflictError, check_run_folder
+
+    out = tmp_path / "out"
+    labels = out / "a" / "labels.csv"
+    labels.parent.mkdir(parents=True)
+    labels.write_text("bag_id,label\n")
+    with pytest.raises(OutputConflictError, match="contains the labels table"):
+        check_run_folder(out, True, names=["a"], inputs={"labels table": labels})
+    assert check_run_folder(out, True, names=["b"], inputs={"labels table": labels}) == []
+
+
+@pytest.mark.parametrize("overwrite", ["overwrite=false", "overwrite=true"])
+def test_cli_rejects_feature_folder_as_out(tmp_path, capsys, overwrite):
+    folder = write_feature_set(tmp_path / "features" / "cls", planted_signal_bags(8, seed=9))
+    (folder / "config.yaml").write_text("backbone: {source: handcrafted}\n")
+    before = _snapshot(folder)
+    sets = f"feature_sets=[{{name: cls, path: {folder}}}]"
+    assert eval_mil_main([f"out={folder}", *FAST, "folds=2", sets, overwrite]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith(f"cytofm-eval-mil: out={folder} is a feature folder of ")
+    assert "(it contains meta.json and index.csv)" in message
+    assert "already contains an evaluation" not in message
+    assert _snapshot(folder) == before
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", ""])
+def test_feature_set_name_must_be_folder_name(name):
+    from cytofm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must be one folder name"):
+        load_config(EvalConfig, None, [f"feature_sets=[{{name: '{name}', path: x}}]"])

@@ -14,7 +14,7 @@ from cytofm.config import ConfigError, load_config, save_config
 from cytofm.evaluation.config import EvalConfig
 from cytofm.evaluation.cross_validation import DeviceUnavailableError, run_cross_validation
 from cytofm.evaluation.report import render_markdown, write_comparison
-from cytofm.evaluation.run_folder import EarlierRunError, prepare_run_folder
+from cytofm.evaluation.run_folder import check_eval_run_folder, delete_run_outputs
 from cytofm.utils.logging import setup_logging
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
             "k-fold cross-validation of attention MIL heads on features written by "
             "cytofm-extract. Writes results.md/.csv/.json, per-fold predictions and "
             "attention, the resolved config and a log to the 'out' folder; an 'out' that "
-            "contains an earlier evaluation needs overwrite=true."
+            "contains an earlier evaluation needs overwrite=true. 'out' may not be a feature "
+            "folder, and its folders out/<feature set name> may not contain feature sets."
         ),
     )
     parser.add_argument("--config", help="YAML file with the evaluation config")
@@ -54,11 +55,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         torch.set_num_threads(config.num_threads)
     out_dir = config.out
     try:
+        deleted = check_eval_run_folder(config)
         make_output_folder(out_dir)
-        deleted = prepare_run_folder(out_dir, config.overwrite)
+        delete_run_outputs(out_dir, deleted)
         setup_logging(out_dir / "eval.log")
         save_config(config, out_dir / "config.yaml")
-    except (OSError, EarlierRunError) as error:
+    except (OSError, ValueError) as error:
         sys.stderr.write(f"cytofm-eval-mil: {error}\n")
         return 1
     if deleted:
