@@ -315,7 +315,7 @@ def test_missing_second_feature_set_raises_first(tmp_path):
     assert not (tmp_path / "out" / "set").exists()
 
 
-def test_cli_error_has_no_stray_quotes(tmp_path):
+def test_cli_error_has_no_stray_quotes(tmp_path, capsys):
     data = planted_signal_bags(12, seed=12)
     full = write_feature_set(tmp_path / "full", data)
     data.bag_ids, data.bags = data.bag_ids[:10], data.bags[:10]
@@ -324,8 +324,8 @@ def test_cli_error_has_no_stray_quotes(tmp_path):
     sets = f"feature_sets=[{{name: part, path: {part}}}, {{name: full, path: {full}}}]"
     out = tmp_path / "out"
     assert eval_mil_main([f"out={out}", *FAST, "folds=2", sets]) == 1
-    log = (out / "eval.log").read_text()
-    assert "evaluation failed: feature sets" in log
+    assert capsys.readouterr().err.startswith("cytofm-eval-mil: feature sets 'part' (")
+    assert not out.exists()  # the feature sets are checked before out is created
 
 
 def test_non_finite_feature_names_bag_and_file(tmp_path):
@@ -356,12 +356,14 @@ def test_too_few_bags_names_class_label():
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
-def test_cli_cuda_without_gpu_fails_cleanly(tmp_path):
+def test_cli_cuda_without_gpu_fails_cleanly(tmp_path, capsys):
     folder = write_feature_set(tmp_path / "set", planted_signal_bags(12, seed=15))
     out = tmp_path / "out"
     sets = f"feature_sets=[{{name: set, path: {folder}}}]"
     assert eval_mil_main([f"out={out}", *FAST, "device=cuda", sets]) == 1
-    assert "CUDA requested but not available" in (out / "eval.log").read_text()
+    assert capsys.readouterr().err == (
+        "cytofm-eval-mil: CUDA requested but not available (device=cuda); use device=cpu or auto\n"
+    )
 
 
 def test_unknown_bag_error_without_quotes(tmp_path):
@@ -457,8 +459,136 @@ def test_cli_overwrite_replaces_earlier_run(tmp_path, capsys):
 def test_cli_out_below_a_file_fails_cleanly(tmp_path, capsys):
     blocker = tmp_path / "cell.png"
     blocker.write_bytes(b"not a folder")
-    assert eval_mil_main([f"out={blocker / 'x'}", *FAST]) == 1
+    folder = write_feature_set(tmp_path / "set", planted_signal_bags(8, seed=9))
+    sets = f"feature_sets=[{{name: a, path: {folder}}}]"
+    assert eval_mil_main([f"out={blocker / 'x'}", *FAST, sets]) == 1
     assert capsys.readouterr().err == (
         f"cytofm-eval-mil: cannot create output folder {blocker / 'x'}: {blocker} is a file, "
         "not a folder; choose another output path\n"
     )
+
+
+def _snapshot(folder):
+    """Map every file below ``folder`` to its bytes."""
+    return {
+        path.relative_to(folder): path.read_bytes()
+        for path in sorted(folder.rglob("*"))
+        if path.is_file()
+    }
+
+
+def test_cli_rejects_out_holding_feature_set(tmp_path, capsys):
+    out = tmp_path / "ev2"
+    folder = write_feature_set(out / "cls", planted_signal_bags(8, seed=9))
+    (out / "results.json").write_text(json.dumps({"rows": [{"feature_set": "cls"}]}))
+    (out / "results.md").write_text("# old\n")
+    before = _snapshot(out)
+    sets = f"feature_sets=[{{name: cls, path: {folder}}}]"
+    for overwrite in ("overwrite=false", "overwrite=true"):
+        assert eval_mil_main([f"out={out}", *FAST, "folds=2", sets, overwrite]) == 1
+        message = capsys.readouterr().err
+        assert message.startswith(f"cytofm-eval-mil: out={out}: "), overwrite
+        assert f"feature set 'cls' ({folder})" in message
+        assert "Choose another out=" in message
+        assert _snapshot(out) == before, overwrite
+
+
+def test_cli_rejects_feature_set_below_eval_folder(tmp_path, capsys):
+    out = tmp_path / "eval"
+    folder = write_feature_set(out / "cls" / "features_v1", planted_signal_bags(8, seed=9))
+    sets = f"feature_sets=[{{name: cls, path: {folder}}}]"
+    assert eval_mil_main([f"out={out}", *FAST, "folds=2", sets, "overwrite=true"]) == 1
+    message = capsys.readouterr().err
+    assert f"writes or deletes {out / 'cls'}, which is or contains the feature set" in message
+    assert (folder / "meta.json").is_file()
+    assert not (out / "config.yaml").exists()
+
+
+def test_earlier_eval_folder_with_features_kept(tmp_path):
+    from cytofm.evaluation.run_folder import OutputConflictError, prepare_run_folder
+
+    out = tmp_path / "out"
+    _write_earlier_run(out)
+    nested = write_feature_set(out / "b" / "copy", planted_signal_bags(4, seed=9))
+    with pytest.raises(OutputConflictError) as raised:
+        prepare_run_folder(out, overwrite=True, names=["a"])
+    message = str(raised.value)
+    assert f"writes or deletes {out / 'b'}, which contains the feature folder {nested}" in message
+    assert "(meta.json and index.csv of cytofm-extract)" in message
+    assert (nested / "index.csv").is_file()
+    assert (out / "results.md").read_text() == "# old\n"
+
+
+def test_labels_table_below_eval_folder_rejected(tmp_path):
+    from cytofm.evaluation.run_folder import OutputConflictError, check_run_folder
+
+    out = tmp_path / "out"
+    labels = out / "a" / "labels.csv"
+    labels.parent.mkdir(parents=True)
+    labels.write_text("bag_id,label\n")
+    with pytest.raises(OutputConflictError, match="contains the labels table"):
+        check_run_folder(out, True, names=["a"], inputs={"labels table": labels})
+    assert check_run_folder(out, True, names=["b"], inputs={"labels table": labels}) == []
+
+
+@pytest.mark.parametrize("overwrite", ["overwrite=false", "overwrite=true"])
+def test_cli_rejects_feature_folder_as_out(tmp_path, capsys, overwrite):
+    folder = write_feature_set(tmp_path / "features" / "cls", planted_signal_bags(8, seed=9))
+    (folder / "config.yaml").write_text("backbone: {source: handcrafted}\n")
+    before = _snapshot(folder)
+    sets = f"feature_sets=[{{name: cls, path: {folder}}}]"
+    assert eval_mil_main([f"out={folder}", *FAST, "folds=2", sets, overwrite]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith(f"cytofm-eval-mil: out={folder} is a feature folder of ")
+    assert "(it contains meta.json and index.csv)" in message
+    assert "already contains an evaluation" not in message
+    assert _snapshot(folder) == before
+
+
+def test_cli_overwrite_with_bad_path_keeps_run(tmp_path, capsys):
+    out = tmp_path / "out"
+    _write_earlier_run(out)
+    before = _snapshot(out)
+    folder = write_feature_set(tmp_path / "set", planted_signal_bags(8, seed=9))
+    typo = tmp_path / "sett"
+    argv = [f"out={out}", *FAST, "folds=2", "overwrite=true"]
+    assert eval_mil_main([*argv, f"feature_sets=[{{name: a, path: {typo}}}]"]) == 1
+    assert capsys.readouterr().err == f"cytofm-eval-mil: feature set folder not found: {typo}\n"
+    assert _snapshot(out) == before
+
+    sets = f"feature_sets=[{{name: a, path: {folder}}}]"
+    missing_labels = tmp_path / "labels.csv"
+    assert eval_mil_main([*argv, sets, f"labels.csv={missing_labels}"]) == 1
+    assert capsys.readouterr().err == (
+        f"cytofm-eval-mil: labels table not found: {missing_labels}; check labels.csv\n"
+    )
+    assert _snapshot(out) == before
+
+
+def test_cli_early_warnings_reach_log(tmp_path):
+    data = planted_signal_bags(9, seed=9)
+    folder = write_feature_set(tmp_path / "set", data)
+    labels_csv = tmp_path / "labels.csv"
+    rows = ["bag_id,label"] + [f"{b},{label}" for b, label in zip(data.bag_ids, data.labels)]
+    labels_csv.write_text("\n".join(rows[:-1]) + "\n")
+    out = tmp_path / "out"
+    argv = [
+        f"out={out}",
+        *FAST,
+        "folds=2",
+        "train.epochs=1",
+        f"feature_sets=[{{name: a, path: {folder}}}]",
+        f"labels.csv={labels_csv}",
+        "labels.drop_unlabelled=true",
+    ]
+    assert eval_mil_main(argv) == 0
+    log = (out / "eval.log").read_text()
+    assert f"bag {data.bag_ids[-1]!r} has no label in {labels_csv}; left out" in log
+
+
+@pytest.mark.parametrize("name", ["..", "a/b", ""])
+def test_feature_set_name_must_be_folder_name(name):
+    from cytofm.config import ConfigError
+
+    with pytest.raises(ConfigError, match="must be one folder name"):
+        load_config(EvalConfig, None, [f"feature_sets=[{{name: '{name}', path: x}}]"])

@@ -146,6 +146,56 @@ def test_other_configuration_rejected(tmp_path):
         extract_bags(bags, extractor, tmp_path / "set", meta={"backbone": {"source": "b"}})
 
 
+def test_other_configuration_names_changes(tmp_path):
+    bags = make_bags(sizes=(2,))
+    extractor = HandcraftedExtractor(img_size=None, device=CPU)
+    folder = tmp_path / "set"
+    old = {"source": "a.pth", "pooling": "cls", "seed": 0, "arch": None}
+    new = {"source": "b.pth", "pooling": "mean", "seed": 1, "arch": None}
+    extract_bags(bags, extractor, folder, meta={"backbone": old, "precision": "auto"})
+    with pytest.raises(ValueError) as raised:
+        extract_bags(bags, extractor, folder, meta={"backbone": new, "precision": "fp32"})
+    message = str(raised.value)
+    assert f"{folder} contains features of another configuration" in message
+    assert 'backbone.pooling: "cls" -> "mean"' in message
+    assert "backbone.seed: 0 -> 1" in message
+    assert 'backbone.source: "a.pth" -> "b.pth"' in message
+    assert 'precision: "auto" -> "fp32"' in message
+    assert "backbone.arch" not in message
+
+
+def test_handcrafted_resume_ignores_vit_settings(tmp_path, capsys):
+    from cytofm.data.demo import generate_demo_set
+
+    demo = tmp_path / "demo"
+    generate_demo_set(demo, num_images=2, image_size=64, seed=0)
+    out = tmp_path / "features"
+    argv = [
+        "bags.kind=image_tiles",
+        f"bags.root={demo}",
+        f"bags.labels_csv={demo / 'labels.csv'}",
+        "bags.tile_size=32",
+        "bags.background_threshold=1.0",
+        "backbone.source=handcrafted",
+        f"out={out}",
+        "num_workers=0",
+        "device=cpu",
+    ]
+    assert extract_main(argv) == 0
+    index = (out / "handcrafted" / "index.csv").read_text()
+    vit_settings = ["backbone.pooling=mean", "backbone.seed=3", "precision=fp32"]
+    assert extract_main([*argv, *vit_settings]) == 0
+    assert (out / "handcrafted" / "index.csv").read_text() == index
+
+    config_yaml = (out / "handcrafted" / "config.yaml").read_text()
+    capsys.readouterr()
+    assert extract_main([*argv, "backbone.img_size=16"]) == 1
+    message = capsys.readouterr().err
+    assert message.startswith(f"cytofm-extract: {out / 'handcrafted'} contains features of ")
+    assert "backbone.img_size: null -> 16" in message
+    assert (out / "handcrafted" / "config.yaml").read_text() == config_yaml
+
+
 def test_non_finite_features_name_bag(tmp_path):
     bags = make_bags(sizes=(2, 3))
     extractor = tiny_vit_extractor()

@@ -11,7 +11,12 @@ import torch
 
 from cytofm.cli.output_folder import make_output_folder
 from cytofm.config import ConfigError, load_config, save_config
-from cytofm.evaluation.extract import ExtractConfig, extract_features
+from cytofm.evaluation.extract import (
+    ExtractConfig,
+    check_feature_settings,
+    extract_features,
+    extraction_meta,
+)
 from cytofm.evaluation.extractors import default_feature_set_name
 from cytofm.utils.logging import setup_logging
 
@@ -62,10 +67,14 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     folder = config.out / (config.name or default_feature_set_name(config.backbone))
     try:
+        if not config.overwrite:
+            # Checked before config.yaml is replaced, so that a rejected resume keeps the
+            # config that matches the features.
+            check_feature_settings(folder, extraction_meta(config))
         make_output_folder(folder)
         setup_logging(folder / "extract.log")
         save_config(config, folder / "config.yaml")
-    except OSError as error:
+    except (OSError, ValueError) as error:
         sys.stderr.write(f"cytofm-extract: {error}\n")
         return 1
     try:

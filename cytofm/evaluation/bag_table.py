@@ -35,6 +35,8 @@ class LabelTable:
 
 
 def _read_rows(config: LabelsConfig, csv_path: Path) -> list[dict[str, str]]:
+    if not csv_path.is_file():
+        raise FileNotFoundError(f"labels table not found: {csv_path}; check labels.csv")
     with csv_path.open(newline="", encoding="utf-8-sig") as handle:
         reader = csv.DictReader(handle)
         columns = reader.fieldnames or []

@@ -141,6 +141,12 @@ def check_eval_config(config: EvalConfig) -> None:
     names = [feature_set.name for feature_set in config.feature_sets]
     if len(set(names)) != len(names):
         problems.append(f"feature_sets: names must be unique, got {names}")
+    for name in names:
+        if name in ("", ".", "..") or "/" in name or "\\" in name:
+            problems.append(
+                f"feature_sets: name {name!r} must be one folder name, because its results "
+                "go to out/<name>; use a name without '/' or '\\' that is not '.' or '..'"
+            )
     if config.folds < 2:
         problems.append(f"folds: must be at least 2, got {config.folds}")
     if config.num_threads is not None and config.num_threads < 1:

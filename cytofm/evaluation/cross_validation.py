@@ -219,13 +219,14 @@ def run_fold(
 
 
 def run_cross_validation(
-    config: EvalConfig, out_dir: str | Path | None = None
+    config: EvalConfig, out_dir: str | Path | None = None, *, table: LabelTable | None = None
 ) -> CrossValidationResult:
     """Cross-validate every configured head on every feature set.
 
     All rows see the same folds, validation splits and initialisation seeds, so their
     differences come from the features and the head. Per-fold predictions and attention go to
-    ``out_dir/<feature set>/<head>/seed<s>/fold<k>/`` when ``out_dir`` is given.
+    ``out_dir/<feature set>/<head>/seed<s>/fold<k>/`` when ``out_dir`` is given. ``table`` is
+    the result of :func:`load_task` when the caller has already run it on ``config``.
 
     Raises:
         ValueError: on an empty or unreadable bag, a missing label, feature sets with
@@ -235,7 +236,8 @@ def run_cross_validation(
         DeviceUnavailableError: CUDA is requested but not available.
     """
     device = resolve_device(config.device)
-    table = load_task(config)
+    if table is None:
+        table = load_task(config)
     counts = np.bincount(table.labels, minlength=len(table.class_names))
     logger.info(
         "%d bags, classes %s, %s",

@@ -8,6 +8,7 @@ embedded. Bags whose file already exists are skipped, so an interrupted run resu
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from collections.abc import Iterator, Sequence
@@ -223,17 +224,85 @@ def _write_bag(bag: Bag, buffer: _BagBuffer, path: Path, embed_dim: int) -> int:
     return len(features)
 
 
+HANDCRAFTED_BACKBONE_KEYS = ("source", "img_size")
+"""Backbone settings that the handcrafted descriptor reads. The others configure a ViT."""
+
+_NOT_RECORDED = object()
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    """Flatten nested dicts into ``{"a.b": value}``, keeping other values as leaves."""
+    if not isinstance(value, dict):
+        return {prefix: value}
+    flat: dict[str, Any] = {}
+    for key, item in value.items():
+        flat.update(_flatten(item, f"{prefix}.{key}" if prefix else str(key)))
+    return flat
+
+
+def feature_settings(meta: dict[str, Any]) -> dict[str, Any]:
+    """Return the settings of ``meta.json`` that change the features, under dotted keys.
+
+    For ``backbone.source=handcrafted`` only the backbone keys of
+    ``HANDCRAFTED_BACKBONE_KEYS`` count, and ``precision`` does not, because the descriptor
+    runs without autocast.
+    """
+    backbone = dict(meta.get("backbone") or {})
+    settings: dict[str, Any] = {
+        "bags": meta.get("bags"),
+        "patch_tokens": meta.get("patch_tokens"),
+        "precision": meta.get("precision"),
+    }
+    if backbone.get("source") == "handcrafted":
+        backbone = {key: backbone[key] for key in HANDCRAFTED_BACKBONE_KEYS if key in backbone}
+        del settings["precision"]
+    settings["backbone"] = backbone
+    # A JSON round trip gives the types that meta.json stores (lists for tuples, str for Path).
+    return _flatten(json.loads(json.dumps(settings, default=str)), "")
+
+
+def describe_setting_changes(previous: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """List ``key: old -> new`` for each feature setting that differs between two meta.json."""
+    old, new = feature_settings(previous), feature_settings(current)
+    changes = []
+    for key in sorted(old.keys() | new.keys()):
+        before, after = old.get(key, _NOT_RECORDED), new.get(key, _NOT_RECORDED)
+        if before != after:
+            changes.append(f"{key}: {_show_setting(before)} -> {_show_setting(after)}")
+    return changes
+
+
+def _show_setting(value: Any) -> str:
+    if value is _NOT_RECORDED:
+        return "(not recorded)"
+    return json.dumps(value, default=str)
+
+
+def check_feature_settings(folder: str | Path, meta: dict[str, Any]) -> None:
+    """Raise a ValueError naming each setting in which ``meta`` differs from ``meta.json``.
+
+    Does nothing when ``folder`` has no ``meta.json`` yet.
+    """
+    path = Path(folder) / "meta.json"
+    if not path.is_file():
+        return
+    changes = describe_setting_changes(read_meta(path), meta)
+    if changes:
+        listed = "; ".join(changes[:8])
+        more = f"; and {len(changes) - 8} more" if len(changes) > 8 else ""
+        raise ValueError(
+            f"{folder} contains features of another configuration ({path} records other "
+            f"values: {listed}{more}); choose another name= or out=, or pass overwrite=true "
+            "to extract again"
+        )
+
+
 def _check_meta(folder: Path, meta: dict[str, Any], overwrite: bool) -> None:
     path = folder / "meta.json"
     if overwrite or not path.is_file():
         return
+    check_feature_settings(folder, meta)
     previous = read_meta(path)
-    keys = ("backbone", "bags", "patch_tokens", "precision")
-    if any(previous.get(key) != meta.get(key) for key in keys):
-        raise ValueError(
-            f"{folder} contains features of another configuration (compare {path}); choose "
-            "another name= or out=, or pass overwrite=true to extract again"
-        )
     old, new = previous.get("weights"), meta.get("weights")
     if old is None or new is None:
         logger.warning(
@@ -388,6 +457,18 @@ def _run(
     return counts
 
 
+def extraction_meta(config: ExtractConfig) -> dict[str, Any]:
+    """Return the part of ``meta.json`` that ``config`` sets (without the extractor's part)."""
+    return {
+        "name": config.name or default_feature_set_name(config.backbone),
+        "backbone": to_dict(config.backbone),
+        "bags": to_dict(config.bags),
+        "patch_tokens": config.patch_tokens,
+        "precision": config.precision,
+        "extraction": {"batch_size": config.batch_size, "num_workers": config.num_workers},
+    }
+
+
 def extract_features(config: ExtractConfig) -> Path:
     """Build the bags and the extractor of ``config`` and extract; returns the feature folder."""
     from cytofm.evaluation.cross_validation import resolve_device
@@ -399,14 +480,7 @@ def extract_features(config: ExtractConfig) -> Path:
     name = config.name or default_feature_set_name(config.backbone)
     folder = Path(config.out) / name
     bags = build_bags(config.bags)
-    meta = {
-        "name": name,
-        "backbone": to_dict(config.backbone),
-        "bags": to_dict(config.bags),
-        "patch_tokens": config.patch_tokens,
-        "precision": config.precision,
-        "extraction": {"batch_size": config.batch_size, "num_workers": config.num_workers},
-    }
+    meta = extraction_meta(config)
     logger.info("extracting %d bags with %s into %s", len(bags), name, folder)
     extract_bags(
         bags,
