@@ -410,21 +410,7 @@ def test_bf16_autocast_close_to_fp32(images, tmp_path):
 
 def test_sigterm_saves_checkpoint_and_stops(images, tmp_path, caplog):
     output_dir = tmp_path / "run"
-    trainer = PretrainTrainer(
-        tiny_config(images, output_dir, **{"run.max_steps": 6, "run.save_every_steps": 100}),
-        CPU,
-    )
-    healthy_step = trainer.train_step
-    calls = []
-
-    def step_then_signal(*args, **kwargs):
-        calls.append(1)
-        result = healthy_step(*args, **kwargs)
-        if len(calls) == 2:
-            os.kill(os.getpid(), signal.SIGTERM)
-        return result
-
-    trainer.train_step = step_then_signal
+    trainer = _trainer_signalling_at_step(images, output_dir, [signal.SIGTERM])
     with caplog.at_level(logging.WARNING, logger="cytofm.pretrain.trainer"):
         result = trainer.train()
     assert result.step == 2
