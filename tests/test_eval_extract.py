@@ -73,6 +73,21 @@ def build_extractor_from(model, transform, patch_tokens):
     return ViTExtractor(model, transform, device=CPU, patch_tokens=patch_tokens)
 
 
+def demo_handcrafted_argv(demo: Path, out: Path) -> list[str]:
+    """Arguments of cytofm-extract for handcrafted features of a demo set in 32-px tiles."""
+    return [
+        "bags.kind=image_tiles",
+        f"bags.root={demo}",
+        f"bags.labels_csv={demo / 'labels.csv'}",
+        "bags.tile_size=32",
+        "bags.background_threshold=1.0",
+        "backbone.source=handcrafted",
+        f"out={out}",
+        "num_workers=0",
+        "device=cpu",
+    ]
+
+
 def read_all(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
     return {
         row.bag_id: load_bag_features(folder / "features" / row.file)
@@ -170,17 +185,7 @@ def test_handcrafted_resume_ignores_vit_settings(tmp_path, capsys):
     demo = tmp_path / "demo"
     generate_demo_set(demo, num_images=2, image_size=64, seed=0)
     out = tmp_path / "features"
-    argv = [
-        "bags.kind=image_tiles",
-        f"bags.root={demo}",
-        f"bags.labels_csv={demo / 'labels.csv'}",
-        "bags.tile_size=32",
-        "bags.background_threshold=1.0",
-        "backbone.source=handcrafted",
-        f"out={out}",
-        "num_workers=0",
-        "device=cpu",
-    ]
+    argv = demo_handcrafted_argv(demo, out)
     assert extract_main(argv) == 0
     index = (out / "handcrafted" / "index.csv").read_text()
     vit_settings = ["backbone.pooling=mean", "backbone.seed=3", "precision=fp32"]
@@ -310,16 +315,8 @@ def test_cli_extract_demo_handcrafted(tmp_path):
     generate_demo_set(demo, num_images=3, image_size=64, seed=0)
     out = tmp_path / "features"
     argv = [
-        "bags.kind=image_tiles",
-        f"bags.root={demo}",
-        f"bags.labels_csv={demo / 'labels.csv'}",
-        "bags.tile_size=32",
-        "bags.background_threshold=1.0",
-        "backbone.source=handcrafted",
-        f"out={out}",
-        "num_workers=0",
+        *demo_handcrafted_argv(demo, out),
         "batch_size=3",
-        "device=cpu",
     ]
     assert extract_main(argv) == 0
     rows = read_index(out / "handcrafted" / "index.csv")
