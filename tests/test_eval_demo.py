@@ -8,24 +8,14 @@ from cytofm.cli.eval_mil import main as eval_mil_main
 from cytofm.cli.extract import main as extract_main
 from cytofm.data.demo import generate_demo_set
 from cytofm.evaluation.attention_scoring import load_run_attention, read_cell_boxes, score_attention
+from tests.test_eval_extract import demo_handcrafted_argv
 
 
 def test_demo_set_abmil_finds_abnormal_cells(tmp_path):
     demo = tmp_path / "demo"
     generate_demo_set(demo, num_images=48, image_size=128, seed=0)
     features = tmp_path / "features"
-    extract_argv = [
-        "bags.kind=image_tiles",
-        f"bags.root={demo}",
-        f"bags.labels_csv={demo / 'labels.csv'}",
-        "bags.tile_size=32",
-        "bags.background_threshold=1.0",
-        "backbone.source=handcrafted",
-        f"out={features}",
-        "num_workers=0",
-        "device=cpu",
-    ]
-    assert extract_main(extract_argv) == 0
+    assert extract_main(demo_handcrafted_argv(demo, features)) == 0
 
     run = tmp_path / "run"
     eval_argv = [

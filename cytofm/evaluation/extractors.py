@@ -144,8 +144,10 @@ class ViTExtractor:
         )
         with torch.inference_mode(), autocast:
             tokens = self.model.forward_tokens(images)
-        patch_tokens = tokens[:, self.model.num_prefix_tokens :].float()
         cls = tokens[:, 0].float()
+        # The float copy of every patch token is made only when something reads it.
+        needs_patches = self.patch_tokens or self.pooling != "cls"
+        patch_tokens = tokens[:, self.model.num_prefix_tokens :].float() if needs_patches else None
         if self.pooling == "cls":
             embeddings = cls
         elif self.pooling == "mean":
