@@ -33,7 +33,13 @@ from PIL import Image
 
 from cytofm.data.decode import ImageDecodeError
 from cytofm.data.tiling import BackgroundFilter
-from cytofm.data.wsi import foreground_tile_boxes, open_slide, plan_level, read_slide_tile
+from cytofm.data.wsi import (
+    LevelPlan,
+    foreground_tile_boxes,
+    open_slide,
+    plan_level,
+    read_slide_tile,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -95,7 +101,8 @@ class SlideTileTable:
         self.slides = [self.root / entry for entry in entries]
         self.tiling = tiling
         self.opener = opener if opener is not None else open_slide
-        self._handles: OrderedDict[int, Any] = OrderedDict()
+        # Open slides with their read plans, least recently used first.
+        self._handles: OrderedDict[int, tuple[Any, LevelPlan]] = OrderedDict()
         self._owner_pid = os.getpid()
 
         cache_path = None
@@ -242,10 +249,7 @@ class SlideTileTable:
         path = self.slides[number]
         box = self.box(position)
         try:
-            slide = self._handle(number)
-            plan = plan_level(slide, self.tiling.magnification, self.tiling.base_magnification)
-            if plan.level != self.levels[number]:
-                raise ValueError(f"pyramid changed since indexing (level {plan.level})")
+            slide, plan = self._handle(number)
             return read_slide_tile(slide, box, self.tiling.tile_size, plan)
         except ImportError:
             raise
@@ -253,26 +257,34 @@ class SlideTileTable:
             self._forget(number)
             raise ImageDecodeError(path, f"tile at {box[:2]}: {error}") from error
 
-    def _handle(self, number: int) -> Any:
+    def _handle(self, number: int) -> tuple[Any, LevelPlan]:
+        """Return the open slide ``number`` and its read plan, opening it on first use."""
         if os.getpid() != self._owner_pid:  # a forked DataLoader worker opens its own handles
             self._handles = OrderedDict()
             self._owner_pid = os.getpid()
-        handle = self._handles.get(number)
-        if handle is not None:
+        entry = self._handles.get(number)
+        if entry is not None:
             self._handles.move_to_end(number)
-            return handle
+            return entry
         handle = self.opener(self.slides[number])
-        self._handles[number] = handle
+        try:
+            plan = plan_level(handle, self.tiling.magnification, self.tiling.base_magnification)
+            if plan.level != self.levels[number]:
+                raise ValueError(f"pyramid changed since indexing (level {plan.level})")
+        except Exception:
+            handle.close()
+            raise
+        self._handles[number] = (handle, plan)
         if len(self._handles) > OPEN_SLIDES_PER_PROCESS:
-            _, oldest = self._handles.popitem(last=False)
+            _, (oldest, _) = self._handles.popitem(last=False)
             oldest.close()
-        return handle
+        return handle, plan
 
     def _forget(self, number: int) -> None:
-        handle = self._handles.pop(number, None)
-        if handle is not None:
+        entry = self._handles.pop(number, None)
+        if entry is not None:
             try:
-                handle.close()
+                entry[0].close()
             except Exception:  # closing a broken handle must not hide the read error
                 logger.debug("closing slide %s failed", self.slides[number], exc_info=True)
 
