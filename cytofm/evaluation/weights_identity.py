@@ -3,9 +3,10 @@
 A resumed extraction compares it, so that features of a checkpoint that changed under the
 same path are not mixed with those of the old one. A checkpoint file is identified by its
 size, modification time and a SHA-256 of its first and last MiB, or of the whole file when it
-is at most 2 MiB. The check therefore reads at most 2 MiB of a multi-GB file. A checkpoint written by
-``torch.save`` is a zip file that ends with its central directory, which lists a CRC-32 of
-every stored record (torch 2.6 and later compute them unless
+is at most 2 MiB. The check therefore reads at most 2 MiB of a multi-GB file.
+
+A checkpoint written by ``torch.save`` is a zip file that ends with its central directory,
+which lists a CRC-32 of every stored record (torch 2.6 and later compute them unless
 ``torch.serialization.set_crc32_options(False)``), so the tail hash changes with any tensor.
 
 NOTE: for other layouts (safetensors, legacy pickles) a change that keeps the file size and
